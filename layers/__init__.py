@@ -1,0 +1,17 @@
+"""effzoo building blocks: token mixers and the common blocks models are made of.
+
+A layer never imports from ``zoo``. Importing this package registers every built-in mixer.
+"""
+from timm.layers import DropPath, PatchEmbed
+
+from layers.attention import Attention, naive_attention
+from layers.mixer import Mixer, create_mixer, get_mixer_class, list_mixers, parse_mixer_spec, register_mixer
+from layers.mlp import SwiGLU, create_mlp, gelu_mlp
+from layers.norm import LayerNorm, RMSNorm, create_norm
+from layers.rotary import RotaryEmbedding
+
+__all__ = [
+    "Attention", "DropPath", "LayerNorm", "Mixer", "PatchEmbed", "RMSNorm", "RotaryEmbedding", "SwiGLU",
+    "create_mixer", "create_mlp", "create_norm", "gelu_mlp", "get_mixer_class", "list_mixers",
+    "naive_attention", "parse_mixer_spec", "register_mixer",
+]

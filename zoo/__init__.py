@@ -1,0 +1,7 @@
+"""effzoo: registered efficient LLM, ViT, diffusion and multimodal models with one toolchain."""
+from zoo.registry import create_model, list_models, model_info, register_model  # noqa: I001
+from zoo import models  # noqa: F401  (registers the built-in families)
+from zoo.models.base import ZooModel, load_pretrained
+
+__version__ = "0.1.0"
+__all__ = ["ZooModel", "create_model", "list_models", "load_pretrained", "model_info", "register_model"]

@@ -1,0 +1,119 @@
+"""The ``zoo`` command: list, info, train, eval, bench, reproduce."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+import zoo
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_list(args) -> None:
+    for name in zoo.list_models(args.pattern, pretrained=args.pretrained):
+        print(name)
+
+
+def cmd_info(args) -> None:
+    info = zoo.model_info(args.name)
+    layers = info.pop("layers")
+    _print_json(info)
+    print("layers:")
+    for row in layers:
+        state = f"  decoding state {row['state_size']:,} floats at max_seq_len" if "state_size" in row else ""
+        print(f"  {row['layer']:>3}  {row['mixer']}{state}")
+
+
+def cmd_train(args) -> None:
+    from zoo.config import load_config
+    from zoo.train import train
+
+    metrics = train(load_config(args.config, args.overrides))
+    _print_json(metrics)
+
+
+def cmd_eval(args) -> None:
+    from zoo.evaluate import evaluate_checkpoint
+
+    _print_json(evaluate_checkpoint(args.run_dir, args.overrides))
+
+
+def cmd_bench(args) -> None:
+    from zoo.bench import benchmark, write_results
+
+    rows = benchmark(args.names, device=args.device, dtype=args.dtype, batch=args.batch, seq_lens=tuple(args.seq_lens),
+                     compile=args.compile, iters=args.iters)
+    paths = write_results(rows, args.out, plot=args.plot)
+    print(paths["md"].read_text())
+    print(f"results written to {', '.join(str(p) for p in paths.values())}")
+
+
+def cmd_reproduce(args) -> None:
+    from zoo.reproduce import reproduce
+
+    result = reproduce(args.name, quick=args.quick, out_dir=args.out)
+    _print_json(result)
+    if not result.get("passed", True):
+        sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoo", description="effzoo: efficient model architectures by name")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered models (fnmatch PATTERN)")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.add_argument("--pretrained", action="store_true", help="list name.tag of shipped checkpoints")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="family, parameters, config, mixers and per-layer state of a model")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train from a YAML config with key.sub=value overrides")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run folder or checkpoint folder (overrides: split=, batch_size=, data.*)")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="latency/throughput/memory/FLOPs of models or mixers, beside their peer")
+    p.add_argument("names", nargs="+")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=None, help="throughput batch size (latency always uses batch 1)")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--plot", action="store_true")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench)
+
+    from zoo.reproduce import list_reproductions
+
+    p = sub.add_parser("reproduce", help=f"run a reproduction ({', '.join(list_reproductions())})")
+    p.add_argument("name")
+    p.add_argument("--quick", action="store_true", help="the CPU-sized version")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"zoo {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

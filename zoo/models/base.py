@@ -1,0 +1,97 @@
+"""What every zoo model shares: a typed config, ``save_pretrained``, loading, and a layer summary."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+import layers
+from zoo.checkpoint import load_module, read_json, save_module, write_json
+from zoo.registry import FAMILIES
+
+FORMAT_VERSION = 1
+
+
+class ModelConfig(BaseModel):
+    """Base of the family configs: unknown keys and wrong types are errors naming the field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ZooModel(nn.Module):
+    """Base class of every family's model. Subclasses set ``config_class`` and ``mixer_causal``."""
+
+    config_class: ClassVar[type[ModelConfig]]
+    family: ClassVar[str]
+    mixer_causal: ClassVar[bool]
+
+    def __init__(self, config: ModelConfig, name: str | None = None):
+        super().__init__()
+        self.config = config
+        self.model_name = name or self.family
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @classmethod
+    def allowed_mixers(cls) -> list[str]:
+        """Registered mixers that support this family's mode (causal for LMs, bidirectional for ViTs)."""
+        attr = "supports_causal" if cls.mixer_causal else "supports_bidirectional"
+        return [n for n in layers.list_mixers() if getattr(layers.get_mixer_class(n), attr)]
+
+    def layer_summary(self) -> list[dict[str, Any]]:
+        """One row per mixer layer: its mixer name and decoding state size at the model's max length."""
+        seq_len = getattr(self.config, "max_seq_len", None)
+        rows = []
+        for i, mixer in enumerate(m for m in self.modules() if isinstance(m, layers.Mixer)):
+            row = {"layer": i, "mixer": getattr(mixer, "mixer_name", type(mixer).__name__)}
+            if mixer.causal and seq_len:
+                try:
+                    row["state_size"] = mixer.state_size(seq_len)
+                except NotImplementedError:  # a mixer without incremental decoding has no state to count
+                    pass
+            rows.append(row)
+        return rows
+
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` then ``config.json`` (each atomically; config last, so a folder with a config is whole)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_module(directory / "model.safetensors", self, metadata={"format": "pt", "model": self.model_name})
+        record = {
+            "format_version": FORMAT_VERSION,
+            "family": self.family,
+            "model": self.model_name,
+            "config": self.config.model_dump(),
+            **(extra or {}),
+        }
+        write_json(directory / "config.json", record)
+        return directory
+
+
+def model_from_record(record: dict[str, Any]) -> ZooModel:
+    cls = FAMILIES.get(record["family"])
+    return cls(cls.config_class.model_validate(record["config"]), name=record.get("model"))
+
+
+def load_weights(model: ZooModel, directory: str | os.PathLike) -> ZooModel:
+    """Load ``directory/model.safetensors`` into ``model``; the config must describe the same architecture."""
+    directory = Path(directory)
+    record = read_json(directory / "config.json")
+    if record.get("family") != model.family:
+        raise ValueError(f"checkpoint {directory} holds a {record.get('family')!r} model, not a {model.family!r} model")
+    load_module(directory / "model.safetensors", model, what=f"{model.model_name} model")
+    return model
+
+
+def load_pretrained(directory: str | os.PathLike, device=None) -> ZooModel:
+    """Rebuild a model from a folder written by ``save_pretrained`` (or a training checkpoint)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a saved zoo model")
+    model = model_from_record(read_json(directory / "config.json"))
+    load_weights(model, directory)
+    return model.to(device) if device is not None else model

@@ -1,0 +1,154 @@
+"""Vision Transformers laid out like timm's ``VisionTransformer`` (so timm weights convert by name),
+with the token mixer swappable through ``mixer=`` (bidirectional mixers only)."""
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import torch
+from pydantic import PositiveInt, model_validator
+from torch import nn
+
+import layers
+from layers.registry import signature_kwargs
+from zoo.models.base import ModelConfig, ZooModel
+from zoo.registry import register_family, register_model
+
+MixerSpec = Union[str, dict[str, Any]]
+
+
+class ViTConfig(ModelConfig):
+    img_size: PositiveInt = 224
+    patch_size: PositiveInt = 16
+    in_chans: PositiveInt = 3
+    num_classes: int = 1000
+    dim: PositiveInt = 192
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    mixer: Union[MixerSpec, list[MixerSpec]] = "attention"
+    global_pool: Literal["token", "avg"] = "token"
+    drop_path_rate: float = 0.0
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ViTConfig":
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        specs = self.mixer if isinstance(self.mixer, list) else [self.mixer]
+        if not specs or self.depth % len(specs):
+            raise ValueError(f"mixer list of length {len(specs)} must divide depth ({self.depth})")
+        return self
+
+    def layer_mixers(self) -> list[tuple[str, dict[str, Any]]]:
+        specs = self.mixer if isinstance(self.mixer, list) else [self.mixer]
+        return [layers.parse_mixer_spec(specs[i % len(specs)]) for i in range(self.depth)]
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, config: ViTConfig, mixer_name: str, mixer_kwargs: dict[str, Any], drop_path: float):
+        super().__init__()
+        mixer_cls = layers.get_mixer_class(mixer_name)
+        if not mixer_cls.supports_bidirectional:
+            raise ValueError(f"mixer {mixer_name!r} is causal only and cannot serve a ViT (needs supports_bidirectional)")
+        accepted = signature_kwargs(mixer_cls.__init__) or []
+        timm_layout = {"qkv_bias": config.qkv_bias, "proj_bias": True}  # biased projections, where the mixer has them
+        mixer_kwargs = {**{k: v for k, v in timm_layout.items() if k in accepted}, **mixer_kwargs}
+        self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.mixer = layers.create_mixer(mixer_name, config.dim, config.num_heads, causal=False, **mixer_kwargs)
+        self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.mlp = layers.gelu_mlp(config.dim, int(config.dim * config.mlp_ratio), bias=True)
+        self.drop_path = layers.DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+@register_family("vit")
+class ViT(ZooModel):
+    """``forward(images [B, C, H, W]) -> logits``; ``forward_features`` gives the normed tokens (CLS first)."""
+
+    config_class = ViTConfig
+    mixer_causal = False
+
+    def __init__(self, config: ViTConfig, name: str | None = None):
+        super().__init__(config, name)
+        self.patch_embed = layers.PatchEmbed(config.img_size, config.patch_size, config.in_chans, config.dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, config.dim))
+        self.pos_drop = nn.Dropout(config.dropout)
+        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]  # stochastic depth grows linearly
+        self.blocks = nn.ModuleList(ViTBlock(config, n, kw, r) for (n, kw), r in zip(config.layer_mixers(), rates))
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.head = nn.Linear(config.dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        c, s = self.config.in_chans, self.config.img_size
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must have shape [batch, {c}, {s}, {s}], got {shape}")
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = features[:, 0] if self.config.global_pool == "token" else features[:, 1:].mean(dim=1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+def create_vit(name: str, defaults: dict[str, Any], **overrides: Any) -> ViT:
+    """The one builder behind every ViT entrypoint."""
+    from zoo.config import merge_overrides
+
+    return ViT(ViTConfig.model_validate(merge_overrides(defaults, overrides, ViTConfig, where=name)), name=name)
+
+
+@register_model
+def vit_tiny(**overrides) -> ViT:
+    """A CPU-sized ViT for 32x32 images (patch 4, 64 tokens), 10 classes."""
+    return create_vit("vit-tiny", dict(img_size=32, patch_size=4, num_classes=10, dim=128, depth=4, num_heads=4), **overrides)
+
+
+@register_model
+def vit_ti16(**overrides) -> ViT:
+    """ViT-Ti/16 (timm ``vit_tiny_patch16_224``)."""
+    return create_vit("vit-ti16", dict(dim=192, depth=12, num_heads=3), **overrides)
+
+
+@register_model
+def vit_s16(**overrides) -> ViT:
+    """ViT-S/16 (timm ``vit_small_patch16_224``)."""
+    return create_vit("vit-s16", dict(dim=384, depth=12, num_heads=6), **overrides)
+
+
+@register_model
+def vit_b16(**overrides) -> ViT:
+    """ViT-B/16 (timm ``vit_base_patch16_224``)."""
+    return create_vit("vit-b16", dict(dim=768, depth=12, num_heads=12), **overrides)
+
+
+@register_model
+def vit_l16(**overrides) -> ViT:
+    """ViT-L/16 (timm ``vit_large_patch16_224``)."""
+    return create_vit("vit-l16", dict(dim=1024, depth=24, num_heads=16), **overrides)

@@ -1,0 +1,69 @@
+"""The task interface shared by every family: a loss for training and metrics for evaluation."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from layers.registry import Registry, check_kwargs, signature_kwargs
+
+TASKS = Registry("task")
+
+
+def register_task(name: str):
+    def decorator(cls):
+        cls.task_name = name
+        return TASKS.register(name, cls)
+
+    return decorator
+
+
+def create_task(name: str, **kwargs: Any) -> "Task":
+    cls = TASKS.get(name)
+    allowed = signature_kwargs(cls.__init__)
+    if allowed is not None:
+        check_kwargs(f"task {name!r}", kwargs, [a for a in allowed if a != "self"])
+    return cls(**kwargs)
+
+
+def list_tasks(pattern: str = "*") -> list[str]:
+    return TASKS.names(pattern)
+
+
+class Task:
+    """``loss(model, batch) -> (loss, metrics)`` for training; ``evaluate(model, batches) -> metrics``.
+
+    ``metrics`` values (floats or 0-d tensors, kept on device during training) are summed over
+    batches weighted by ``count`` (the labelled items in the batch) and averaged, so evaluation is
+    exact whatever the batch size.
+    """
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def check_data(self, model: nn.Module, dataset: Any) -> None:
+        """Raise a clear error when ``dataset`` cannot feed ``model`` (vocabulary, classes, image size)."""
+
+    def finalize(self, means: dict[str, float]) -> dict[str, float]:
+        """Derived metrics (e.g. perplexity) from averaged ones."""
+        return means
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]], max_batches: int | None = None) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        totals: dict[str, float] = {}
+        count = 0
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            _, metrics = self.loss(model, batch)
+            n = int(metrics.pop("count"))
+            count += n
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * n
+        model.train(was_training)
+        if count == 0:
+            raise ValueError("evaluation saw no labelled examples (empty split or max_batches=0)")
+        return self.finalize({k: v / count for k, v in totals.items()} | {"count": count})
