@@ -43,8 +43,11 @@ def sdpa_attention(q, k, v, allowed: torch.Tensor | None = None, causal: bool = 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
+XFORMERS_AVAILABLE = importlib.util.find_spec("xformers") is not None
+
+
 def xformers_available() -> bool:
-    return importlib.util.find_spec("xformers") is not None
+    return XFORMERS_AVAILABLE
 
 
 def xformers_attention(q, k, v, allowed: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
@@ -72,9 +75,12 @@ ATTENTION_BACKENDS: dict[str, Callable] = {
 
 
 def resolve_backend(backend: str, device: torch.device) -> Callable:
-    """``auto`` picks xformers only when it is installed and the tensors are on CUDA, else SDPA."""
+    """``auto`` picks xformers only when it is installed and the tensors are on CUDA, else SDPA.
+
+    A pure lookup (the installation check ran at import), so ``torch.compile`` traces through it.
+    """
     if backend == "auto":
-        backend = "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        backend = "xformers" if device.type == "cuda" and XFORMERS_AVAILABLE else "sdpa"
     return ATTENTION_BACKENDS[backend]
 
 

@@ -16,11 +16,13 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]
     return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.4)
 
 
-def unknown_name_error(kind: str, name: str, candidates: Iterable[str]) -> ValueError:
+def unknown_name_error(kind: str, name: str, candidates: Iterable[str], listing: str | None = None) -> ValueError:
+    """``listing`` says where the valid names are listed (default: ``list_<kind>s()``)."""
     candidates = sorted(candidates)
     matches = close_matches(name, candidates)
     hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
-    return ValueError(f"unknown {kind} {name!r}.{hint} ({len(candidates)} registered; list them with list_{kind.replace(' ', '_')}s())")
+    listing = listing or f"list_{kind.replace(' ', '_')}s()"
+    return ValueError(f"unknown {kind} {name!r}.{hint} ({len(candidates)} known; see {listing})")
 
 
 def check_kwargs(kind: str, given: dict[str, Any], allowed: Iterable[str]) -> None:

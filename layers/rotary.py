@@ -12,12 +12,16 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / (head_dim + 2)))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """Computed in float32 on each call (not a buffer, so ``model.to(bfloat16)`` cannot round it)."""
+        exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+        return 1.0 / (self.base**exponents)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, Dh]; positions: [T] or [B, T] integer positions."""
-        angles = positions.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq  # [(B,) T, Dh/2]
+        angles = positions.to(x.device, torch.float32)[..., None] * self.inv_freq(x.device)  # [(B,) T, Dh/2]
         if angles.dim() == 2:
             angles = angles[None]
         cos = angles.cos()[:, :, None, :]

@@ -65,7 +65,7 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     return sorted(n for n in tagged if fnmatch.fnmatchcase(n, pattern))
 
 
-def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> nn.Module:
+def create_model(name: str, pretrained: bool | str | os.PathLike = False, **overrides: Any) -> nn.Module:
     """Build a registered model; ``pretrained`` is False, True (default tag), a tag, or a checkpoint folder."""
     base, tag = split_tag(name)
     entrypoint = MODELS.get(base)
@@ -90,13 +90,15 @@ def _resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
         if not tags:
             raise ValueError(f"model {name!r} has no pretrained checkpoints (see list_models(pretrained=True))")
         return checkpoint_root() / name / tags[0]
+    if isinstance(pretrained, os.PathLike):
+        pretrained = os.fspath(pretrained)
     if not isinstance(pretrained, str):
         raise TypeError(f"pretrained must be a bool, a tag or a folder path, got {type(pretrained).__name__}")
     if pretrained in tags:
         return checkpoint_root() / name / pretrained
     if Path(pretrained).is_dir():
         return Path(pretrained)
-    raise unknown_name_error(f"pretrained tag of {name}", pretrained, tags)
+    raise unknown_name_error(f"pretrained tag of {name}", pretrained, tags, listing="zoo.list_models(pretrained=True)")
 
 
 def model_info(name: str) -> dict[str, Any]:

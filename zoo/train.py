@@ -46,7 +46,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+        raise ValueError(f"device={name!r} was requested but CUDA is not available on this machine")
     return device
 
 

@@ -81,7 +81,7 @@ def tiny_kwargs(tmp_path, text_file, image_root):
         import datasets
         datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [f"{s} sample " * 10] * 4})
                               for s in ("train", "validation", "test")}).save_to_disk(str(hf_path))
-        kwargs["hf"] = dict(name=str(hf_path), seq_len=16)
+        kwargs["hf"] = dict(path=str(hf_path), seq_len=16)
     return kwargs
 
 
@@ -319,22 +319,22 @@ def test_textfile_errors(tmp_path):
 def test_hf_without_datasets_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(ImportError, match="pip install datasets"):
-        create_dataset("hf", name="anything")
+        create_dataset("hf", path="anything")
 
 
 def test_hf_local_dataset(hf_dir):
-    val = create_dataset("hf", "val", name=str(hf_dir), seq_len=8)
+    val = create_dataset("hf", "val", path=str(hf_dir), seq_len=8)
     text = bytes(val.data.tolist()).decode()
     assert text.startswith("validation text number 0\0validation text number 1")
     with pytest.raises(ValueError, match="text_field='body'"):
-        create_dataset("hf", name=str(hf_dir), text_field="body")
+        create_dataset("hf", path=str(hf_dir), text_field="body")
 
 
 def test_hf_unsplit_local_dataset_is_split_by_bytes(tmp_path):
     datasets = pytest.importorskip("datasets")
     texts = [f"row {i} of an unsplit dataset" * 5 for i in range(40)]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "flat"))
-    parts = [create_dataset("hf", s, name=str(tmp_path / "flat"), seq_len=8).data for s in ("train", "val", "test")]
+    parts = [create_dataset("hf", s, path=str(tmp_path / "flat"), seq_len=8).data for s in ("train", "val", "test")]
     assert bytes(torch.cat(parts).tolist()) == "\0".join(texts).encode()
     assert len(parts[1]) > 0 and len(parts[2]) > 0
 

@@ -152,11 +152,11 @@ def textfile(split: str = "train", *, path: str | os.PathLike, seq_len: int = 25
 
 
 @register_dataset("hf")
-def hf(split: str = "train", *, name: str, text_field: str = "text", seq_len: int = 256, config: str | None = None,
+def hf(split: str = "train", *, path: str, text_field: str = "text", seq_len: int = 256, config: str | None = None,
        split_map: dict[str, str] | None = None) -> ByteWindows:
     """A Hugging Face dataset's text column as bytes (needs the optional ``datasets`` package).
 
-    ``name`` is a hub name or a local directory written by ``save_to_disk``. Our splits map to the
+    ``path`` is a hub name (as ``datasets.load_dataset(path, config)`` takes it) or a local directory written by ``save_to_disk``. Our splits map to the
     dataset's through ``DEFAULT_HF_SPLITS`` updated by ``split_map`` (e.g. ``{"val": "valid"}``). A
     directory holding a single un-split ``Dataset`` is split like one text file: the last ``HOLDOUT_FRACTION``
     of its bytes is halved into val and test.
@@ -169,18 +169,18 @@ def hf(split: str = "train", *, name: str, text_field: str = "text", seq_len: in
     source_split = {**DEFAULT_HF_SPLITS, **(split_map or {})}[split]
 
     unsplit = False
-    if Path(name).is_dir():
-        loaded = datasets.load_from_disk(name)
+    if Path(path).is_dir():
+        loaded = datasets.load_from_disk(path)
         unsplit = not isinstance(loaded, datasets.DatasetDict)
         if not unsplit and source_split not in loaded:
-            raise ValueError(f"hf dataset {name!r} has no split {source_split!r} (it has {', '.join(loaded)}); "
+            raise ValueError(f"hf dataset {path!r} has no split {source_split!r} (it has {', '.join(loaded)}); "
                              f"map ours onto it with split_map={{{split!r}: ...}}")
         table = loaded if unsplit else loaded[source_split]
     else:
-        table = datasets.load_dataset(name, config, split=source_split)
+        table = datasets.load_dataset(path, config, split=source_split)
 
     if text_field not in table.column_names:
         columns = ", ".join(table.column_names)
-        raise ValueError(f"hf dataset {name!r} has no column text_field={text_field!r} (columns: {columns})")
+        raise ValueError(f"hf dataset {path!r} has no column text_field={text_field!r} (columns: {columns})")
     data = join_documents([text.encode("utf-8") for text in table[text_field]])
-    return ByteWindows(tail_split(data, split, HOLDOUT_FRACTION) if unsplit else data, seq_len, [name])
+    return ByteWindows(tail_split(data, split, HOLDOUT_FRACTION) if unsplit else data, seq_len, [path])

@@ -16,7 +16,8 @@ class LanguageModeling(Task):
     def loss(self, model, batch):
         logits = model(batch["input_ids"], mask=batch.get("mask"))
         labels = batch["labels"]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+        # no explicit float cast: autocast runs cross_entropy in float32 without materialising fp32 logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         with torch.no_grad():  # tensors, not floats: no device sync on the training path
             labelled = labels != IGNORE
             count = labelled.sum()
