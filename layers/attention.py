@@ -118,7 +118,8 @@ class Attention(Mixer):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(dim=2)
         if self.rotary is not None:
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
+            cos, sin = self.rotary.cos_sin(positions)
+            q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ def training_pair(name: str, batch_size: int, p: dict[str, Any]) -> dict[str, An
     ours_fwd, plain_fwd = wrap(ours), wrap(plain)
     task = LanguageModeling()
     steps = {
-        "ours": train_step(ours, lambda b: task.loss(ours_fwd, b)[0], autocast, device),
+        "ours": train_step(ours, lambda b: task.loss(ours_fwd, b, with_metrics=False)[0], autocast, device),
         "plain": train_step(plain, lambda b: F.cross_entropy(plain_fwd(b["input_ids"]).flatten(0, 1), b["labels"].flatten()),
                             autocast, device),
     }

@@ -303,10 +303,12 @@ def train(run: RunConfig) -> dict[str, Any]:
     last_eval: dict[str, Any] = {}
     tick = time.perf_counter()
     for step in progress:
+        done = step + 1
+        log_now = done % cfg.log_every == 0 or done == cfg.steps
         for _ in range(cfg.grad_accum):
             batch = to_device(next(loader), device)
             with autocast():
-                loss, metrics = task.loss(forward_model, batch)
+                loss, metrics = task.loss(forward_model, batch, with_metrics=log_now)
             scaler.scale(loss / cfg.grad_accum).backward()
         consumed += samples_per_step
         scaler.unscale_(optimizer)
@@ -315,8 +317,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if log_now:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             record = {"step": done, "split": "train", "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "samples_per_s": samples_per_step * cfg.log_every / max(elapsed, 1e-9)}

@@ -13,7 +13,7 @@ from zoo.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 TINY_TRAIN = ["model.dim=32", "model.depth=1", "model.num_heads=2", "model.vocab_size=32", "model.max_seq_len=16",
               "data.vocab_size=32", "data.seq_len=16", "data.num_kv_pairs=2", "data.num_examples=64",
-              "train.steps=4", "train.batch_size=8", "train.eval_every=4", "train.eval_batches=2", "train.progress=false"]
+              "train.steps=4", "train.batch_size=8", "train.eval_every=4", "train.eval_batches=2", "train.progress=false", "train.device=cpu"]
 
 
 def test_list_and_info(capsys):
@@ -29,7 +29,7 @@ def test_train_then_eval(tmp_path, capsys):
     out_dir = tmp_path / "run"
     main(["train", str(ROOT / "configs/lm/tiny-attention-mqar.yaml"), *TINY_TRAIN, f"out_dir={out_dir}"])
     trained = json.loads(capsys.readouterr().out)
-    main(["eval", str(out_dir), "batch_size=8", "max_batches=2"])
+    main(["eval", str(out_dir), "batch_size=8", "max_batches=2", "device=cpu"])
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"])
     assert evaluated["split"] == "val"

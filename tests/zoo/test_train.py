@@ -23,7 +23,8 @@ TINY = {
     "data": {"name": "mqar", "vocab_size": 32, "seq_len": 16, "num_kv_pairs": 2, "num_examples": 96},
     "task": {"name": "lm"},
     "train": {"steps": 30, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "eval_every": 10, "eval_batches": 2,
-              "log_every": 1, "save_every": 5, "progress": False},
+              "log_every": 1, "save_every": 5, "progress": False,
+              "device": "cpu"},  # exact-trajectory checks are CPU facts; the GPU test below opts in
 }
 
 
@@ -76,7 +77,7 @@ def test_checkpoint_folder_is_complete_and_evaluates(tmp_path):
     assert {p.name for p in latest.iterdir()} == {"model.safetensors", "config.json", "trainer_state.safetensors", "trainer_state.json"}
     assert not list((tmp_path / "checkpoints").glob(".tmp*")), "temporary folders left behind"
     assert len(list((tmp_path / "checkpoints").glob("step_*"))) == 2  # keep_checkpoints
-    evaluated = evaluate_checkpoint(tmp_path, ["max_batches=2", "batch_size=8"])  # as the run evaluated
+    evaluated = evaluate_checkpoint(tmp_path, ["max_batches=2", "batch_size=8", "device=cpu"])  # as the run evaluated
     assert evaluated["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert evaluated["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
 

@@ -32,14 +32,15 @@ def list_tasks(pattern: str = "*") -> list[str]:
 
 
 class Task:
-    """``loss(model, batch) -> (loss, metrics)`` for training; ``evaluate(model, batches) -> metrics``.
+    """``loss(model, batch, with_metrics=True) -> (loss, metrics)`` for training; ``evaluate(model, batches) -> metrics``.
 
     ``metrics`` values (floats or 0-d tensors, kept on device during training) are summed over
     batches weighted by ``count`` (the labelled items in the batch) and averaged, so evaluation is
     exact whatever the batch size.
     """
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict[str, Any], with_metrics: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``with_metrics=False`` skips the metrics (the trainer asks for them only on logging steps)."""
         raise NotImplementedError
 
     def check_data(self, model: nn.Module, dataset: Any) -> None:

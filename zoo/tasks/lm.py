@@ -13,11 +13,13 @@ IGNORE = -100
 
 @register_task("lm")
 class LanguageModeling(Task):
-    def loss(self, model, batch):
+    def loss(self, model, batch, with_metrics=True):
         logits = model(batch["input_ids"], mask=batch.get("mask"))
         labels = batch["labels"]
         # no explicit float cast: autocast runs cross_entropy in float32 without materialising fp32 logits
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        if not with_metrics:
+            return loss, {}
         with torch.no_grad():  # tensors, not floats: no device sync on the training path
             labelled = labels != IGNORE
             count = labelled.sum()
