@@ -46,7 +46,7 @@ def cmd_bench(args) -> None:
     from zoo.bench import benchmark, write_results
 
     rows = benchmark(args.names, device=args.device, dtype=args.dtype, batch=args.batch, seq_lens=tuple(args.seq_lens),
-                     compile=args.compile, iters=args.iters)
+                     compile=args.compile, iters=args.iters, dim=args.dim, num_heads=args.heads)
     paths = write_results(rows, args.out, plot=args.plot)
     print(paths["md"].read_text())
     print(f"results written to {', '.join(str(p) for p in paths.values())}")
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="throughput batch size (latency always uses batch 1)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024])
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dim", type=int, default=1024, help="width of a mixer benchmarked as a layer")
+    p.add_argument("--heads", type=int, default=16, help="heads of a mixer benchmarked as a layer")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--plot", action="store_true")
     p.add_argument("--out", default="runs/bench")

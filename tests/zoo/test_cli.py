@@ -54,3 +54,11 @@ def test_errors_exit_2_with_a_message(argv, message, capsys):
 def test_module_entrypoint_runs():
     result = subprocess.run([sys.executable, "-m", "zoo.cli", "list", "lm-tiny"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.split() == ["lm-tiny"]
+
+
+def test_bench_writes_a_table(tmp_path, capsys):
+    main(["bench", "attention", "--seq-lens", "16", "--batch", "2", "--dim", "32", "--heads", "2", "--iters", "1",
+          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "attention" in out and "SDPAAttention" in out
+    assert (tmp_path / "bench.json").is_file() and (tmp_path / "bench.md").is_file()

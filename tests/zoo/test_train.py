@@ -142,3 +142,18 @@ def test_run_errors_are_clear(tmp_path):
 def test_bf16_training_on_gpu(tmp_path):
     metrics = train(tiny_run(tmp_path, steps=20, device="cuda", dtype="bfloat16"))
     assert metrics["loss"] < 4.0
+
+
+def test_the_same_trainer_runs_classification(tmp_path):
+    raw = {
+        "model": {"name": "vit-tiny", "num_classes": 6, "dim": 32, "depth": 1, "num_heads": 2},
+        "data": {"name": "shapes", "image_size": 32, "num_examples": 64},
+        "task": {"name": "classification", "label_smoothing": 0.1},
+        "train": {"steps": 3, "batch_size": 8, "eval_every": 3, "eval_batches": 2, "progress": False, "device": "cpu"},
+        "out_dir": str(tmp_path),
+    }
+    metrics = train(validate_run_config(raw))
+    assert metrics["count"] == 16 and 0.0 <= metrics["accuracy"] <= 1.0
+    wrong_classes = raw | {"model": raw["model"] | {"num_classes": 10}, "out_dir": str(tmp_path / "wrong")}
+    with pytest.raises(ValueError, match="num_classes"):
+        train(validate_run_config(wrong_classes))

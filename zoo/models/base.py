@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
 from torch import nn
 
 import layers
@@ -14,11 +14,39 @@ from zoo.registry import FAMILIES
 
 FORMAT_VERSION = 1
 
+MixerSpec = Union[str, dict[str, Any]]
+
 
 class ModelConfig(BaseModel):
     """Base of the family configs: unknown keys and wrong types are errors naming the field."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MixerStackConfig(ModelConfig):
+    """Shared by families built from ``depth`` mixer layers: width, heads and the per-layer mixer spec.
+
+    ``mixer`` is a name, a mapping ``{name: ..., **kwargs}``, or a list of those repeated over depth.
+    """
+
+    dim: PositiveInt
+    depth: PositiveInt
+    num_heads: PositiveInt
+    mixer: Union[MixerSpec, list[MixerSpec]] = "attention"
+
+    @model_validator(mode="after")
+    def _check_mixer_stack(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        specs = self.mixer if isinstance(self.mixer, list) else [self.mixer]
+        if not specs or self.depth % len(specs):
+            raise ValueError(f"mixer list of length {len(specs)} must divide depth ({self.depth})")
+        return self
+
+    def layer_mixers(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, kwargs) of each layer's mixer."""
+        specs = self.mixer if isinstance(self.mixer, list) else [self.mixer]
+        return [layers.parse_mixer_spec(specs[i % len(specs)]) for i in range(self.depth)]
 
 
 class ZooModel(nn.Module):

@@ -6,26 +6,22 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt, field_validator, model_validator
+from pydantic import PositiveInt, field_validator
 from torch import nn
 
 import layers
-from zoo.models.base import ModelConfig, ZooModel
+from zoo.models.base import MixerStackConfig, ZooModel
 from zoo.registry import register_family, register_model
 
-MixerSpec = Union[str, dict[str, Any]]
-
-
-class LMConfig(ModelConfig):
+class LMConfig(MixerStackConfig):
     vocab_size: PositiveInt = 256
     dim: PositiveInt = 192
     depth: PositiveInt = 4
     num_heads: PositiveInt = 3
-    mixer: Union[MixerSpec, list[MixerSpec]] = "attention"
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     mlp_hidden: PositiveInt | None = None  # default: 8/3 * dim for SwiGLU, 4 * dim for GELU, rounded up to 64
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
@@ -40,19 +36,6 @@ class LMConfig(ModelConfig):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {v}")
         return v
-
-    @model_validator(mode="after")
-    def _check_shapes(self) -> "LMConfig":
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
-        specs = self.mixer if isinstance(self.mixer, list) else [self.mixer]
-        if not specs or self.depth % len(specs):
-            raise ValueError(f"mixer list of length {len(specs)} must divide depth ({self.depth})")
-        return self
-
-    def layer_mixers(self) -> list[tuple[str, dict[str, Any]]]:
-        specs = self.mixer if isinstance(self.mixer, list) else [self.mixer]
-        return [layers.parse_mixer_spec(specs[i % len(specs)]) for i in range(self.depth)]
 
     def hidden_dim(self) -> int:
         if self.mlp_hidden is not None:

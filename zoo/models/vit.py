@@ -2,7 +2,7 @@
 with the token mixer swappable through ``mixer=`` (bidirectional mixers only)."""
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from pydantic import PositiveInt, model_validator
@@ -10,13 +10,11 @@ from torch import nn
 
 import layers
 from layers.registry import signature_kwargs
-from zoo.models.base import ModelConfig, ZooModel
+from zoo.models.base import MixerStackConfig, ZooModel
 from zoo.registry import register_family, register_model
 
-MixerSpec = Union[str, dict[str, Any]]
 
-
-class ViTConfig(ModelConfig):
+class ViTConfig(MixerStackConfig):
     img_size: PositiveInt = 224
     patch_size: PositiveInt = 16
     in_chans: PositiveInt = 3
@@ -26,26 +24,16 @@ class ViTConfig(ModelConfig):
     num_heads: PositiveInt = 3
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    mixer: Union[MixerSpec, list[MixerSpec]] = "attention"
     global_pool: Literal["token", "avg"] = "token"
     drop_path_rate: float = 0.0
     dropout: float = 0.0
     norm_eps: float = 1e-6
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "ViTConfig":
+    def _check_patches(self) -> "ViTConfig":
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
-        specs = self.mixer if isinstance(self.mixer, list) else [self.mixer]
-        if not specs or self.depth % len(specs):
-            raise ValueError(f"mixer list of length {len(specs)} must divide depth ({self.depth})")
         return self
-
-    def layer_mixers(self) -> list[tuple[str, dict[str, Any]]]:
-        specs = self.mixer if isinstance(self.mixer, list) else [self.mixer]
-        return [layers.parse_mixer_spec(specs[i % len(specs)]) for i in range(self.depth)]
 
 
 class ViTBlock(nn.Module):
