@@ -74,12 +74,19 @@ def create_model(name: str, pretrained: bool | str | os.PathLike = False, **over
             raise ValueError(f"name {name!r} already names tag {tag!r}; got pretrained={pretrained!r} too")
         pretrained = tag
     source = _resolve_pretrained(base, pretrained)
-    model = entrypoint(**overrides)
-    if source is not None:
-        from zoo.models.base import load_weights
+    if source is None:
+        return entrypoint(**overrides)
+    from zoo.checkpoint import read_json
+    from zoo.models.base import load_weights
 
-        load_weights(model, source)
-    return model
+    # the checkpoint's own config defines the architecture; explicit overrides still win
+    record = read_json(source / "config.json")
+    try:
+        model = entrypoint(**{**record.get("config", {}), **overrides})
+    except TypeError as e:
+        raise ValueError(f"checkpoint {source} holds a {record.get('family')!r} model ({record.get('model')}), "
+                         f"which does not fit {base!r}: {e}") from None
+    return load_weights(model, source)
 
 
 def _resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:

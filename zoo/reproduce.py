@@ -51,7 +51,7 @@ def lm_mqar_smoke(quick: bool, out_dir: Path) -> dict[str, Any]:
     """lm-tiny with attention on MQAR (seq 64, 4 kv pairs) must reach >= 0.99 accuracy at answer positions."""
     overrides = [f"out_dir={out_dir / 'run'}"]
     if not quick:
-        overrides += ["train.steps=1500", "train.eval_batches=64"]
+        overrides += ["train.steps=3000"]
     config = load_config(CONFIGS / "lm" / "tiny-attention-mqar.yaml", overrides)
     metrics = train(config)
     target = 0.99

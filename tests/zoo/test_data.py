@@ -201,6 +201,17 @@ def test_mqar_filler_is_random_and_gaps_favour_short_distances():
     assert np.mean(np.array(slots) < space // 2) > 0.6  # a uniform sampler would give 0.5
 
 
+def test_mqar_without_random_filler_pads_with_token_0():
+    k = 4
+    ds = create_dataset("mqar", vocab_size=64, seq_len=32, num_kv_pairs=k, num_examples=20, random_non_queries=False)
+    for item in ds:
+        ids = item["input_ids"]
+        keys, _, answers = parse_mqar(ids, item["labels"], k)
+        used = set(range(2 * k)) | set(answers) | {p + 1 for p in answers}
+        assert all(int(ids[p]) == 0 for p in range(len(ids)) if p not in used)
+        assert sorted(ids[answers].tolist()) == sorted(keys)
+
+
 def test_mqar_is_deterministic_per_seed_and_split():
     def build(split="train", seed=0):
         return create_dataset("mqar", split, vocab_size=64, seq_len=32, num_examples=50, seed=seed).input_ids

@@ -78,12 +78,13 @@ class MQAR(TokenTask):
     values from ``[vocab/2, vocab)``, all distinct within an example), then each key re-appears at
     ``2K + 2 * slot`` followed by its value, with the K slots drawn without replacement from
     ``1..(seq_len + 1 - 2K) // 2`` with probability ∝ ``power_a * gap ** (power_a - 1)`` (short gaps
-    are favoured). Every other position holds a uniformly random token. Only the answers (the value
-    after a queried key) carry labels.
+    are favoured). Every other position holds a uniformly random token (``random_non_queries=True``,
+    Zoology's default) or token 0, which no key or value uses. Only the answers (the value after a
+    queried key) carry labels.
     """
 
     def __init__(self, split: str = "train", vocab_size: int = 8192, seq_len: int = 64, num_kv_pairs: int = 4,
-                 num_examples: int | None = None, power_a: float = 0.01, seed: int = 0):
+                 num_examples: int | None = None, power_a: float = 0.01, random_non_queries: bool = True, seed: int = 0):
         check_int("num_kv_pairs", num_kv_pairs, 1)
         check_int("vocab_size", vocab_size, 2 * num_kv_pairs + 2)  # vocab_size // 2 > num_kv_pairs: room for distinct keys
         check_int("seq_len", seq_len, 1)
@@ -92,14 +93,15 @@ class MQAR(TokenTask):
                              f"got seq_len={seq_len!r} with num_kv_pairs={num_kv_pairs}")
         if not power_a > 0:
             raise ValueError(f"power_a must be > 0, got power_a={power_a!r}")
-        self.num_kv_pairs, self.power_a = num_kv_pairs, power_a
+        self.num_kv_pairs, self.power_a, self.random_non_queries = num_kv_pairs, power_a, random_non_queries
         super().__init__(split, vocab_size, seq_len, num_examples, seed)
 
     def generate(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         k, half, length = self.num_kv_pairs, self.vocab_size // 2, self.seq_len + 1
         keys = 1 + sample_distinct(rng, n, half - 1, k)
         values = half + sample_distinct(rng, n, self.vocab_size - half, k)
-        sequences = rng.integers(0, self.vocab_size, size=(n, length))
+        filler = rng.integers(0, self.vocab_size, size=(n, length))
+        sequences = filler if self.random_non_queries else np.zeros_like(filler)
         sequences[:, 0 : 2 * k : 2] = keys
         sequences[:, 1 : 2 * k : 2] = values
 
