@@ -163,31 +163,44 @@ def create_lm(name: str, defaults: dict[str, Any], **overrides: Any) -> LM:
     return LM(LMConfig.model_validate(merge_overrides(defaults, overrides, LMConfig, where=name)), name=name)
 
 
-@register_model
-def lm_tiny(**overrides) -> LM:
-    """~1.8M params: CPU tests and synthetic tasks."""
-    return create_lm("lm-tiny", dict(dim=192, depth=4, num_heads=3, max_seq_len=1024), **overrides)
+LM_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=192, depth=4, num_heads=3, max_seq_len=1024),  # ~1.8M params: CPU tests, synthetic tasks
+    "small": dict(vocab_size=50304, dim=384, depth=6, num_heads=6),  # ~30M (GPT-2 vocabulary)
+    "125m": dict(vocab_size=50304, dim=768, depth=12, num_heads=12),  # GPT-2 small shape
+    "350m": dict(vocab_size=50304, dim=1024, depth=24, num_heads=16),  # GPT-2 medium shape
+    "1b": dict(vocab_size=50304, dim=2048, depth=24, num_heads=16),  # head dim 128
+}
+
+# lm-<size>-<variant>: the attention-mixers issue's causal mixers, and hybrids as per-layer lists
+LM_MIXER_VARIANTS: dict[str, Any] = {
+    "linear": "linear",
+    "retnet": "retnet",
+    "gla": "gla",
+    "deltanet": "deltanet",
+    "gated-deltanet": "gated_deltanet",
+    "sliding-window": "sliding_window",
+    "block-sparse": "block_sparse",
+    "gla-hybrid": ["gla", "gla", "gla", "attention"],  # 3 GLA layers then 1 attention layer, repeated
+}
 
 
-@register_model
-def lm_small(**overrides) -> LM:
-    """~25M params (GPT-2 vocabulary size)."""
-    return create_lm("lm-small", dict(vocab_size=50304, dim=384, depth=6, num_heads=6), **overrides)
+def _lm_entrypoint(name: str, defaults: dict[str, Any]):
+    def entrypoint(**overrides) -> LM:
+        return create_lm(name, defaults, **overrides)
+
+    entrypoint.__doc__ = f"{name}: {defaults}"
+    return entrypoint
 
 
-@register_model
-def lm_125m(**overrides) -> LM:
-    """GPT-2 small shape: 12 layers, 768 wide, 12 heads."""
-    return create_lm("lm-125m", dict(vocab_size=50304, dim=768, depth=12, num_heads=12), **overrides)
+def register_lm_sizes() -> None:
+    """``lm-<size>`` with attention, and ``lm-<size>-<variant>`` wherever the variant's layer pattern divides depth."""
+    for size, defaults in LM_SIZES.items():
+        register_model(_lm_entrypoint(f"lm-{size}", defaults), name=f"lm-{size}")
+        for variant, mixer in LM_MIXER_VARIANTS.items():
+            if isinstance(mixer, list) and defaults["depth"] % len(mixer):
+                continue
+            name = f"lm-{size}-{variant}"
+            register_model(_lm_entrypoint(name, {**defaults, "mixer": mixer}), name=name)
 
 
-@register_model
-def lm_350m(**overrides) -> LM:
-    """GPT-2 medium shape: 24 layers, 1024 wide, 16 heads."""
-    return create_lm("lm-350m", dict(vocab_size=50304, dim=1024, depth=24, num_heads=16), **overrides)
-
-
-@register_model
-def lm_1b(**overrides) -> LM:
-    """24 layers, 2048 wide, 16 heads (head dim 128)."""
-    return create_lm("lm-1b", dict(vocab_size=50304, dim=2048, depth=24, num_heads=16), **overrides)
+register_lm_sizes()

@@ -112,31 +112,36 @@ def create_vit(name: str, defaults: dict[str, Any], **overrides: Any) -> ViT:
     return ViT(ViTConfig.model_validate(merge_overrides(defaults, overrides, ViTConfig, where=name)), name=name)
 
 
-@register_model
-def vit_tiny(**overrides) -> ViT:
-    """A CPU-sized ViT for 32x32 images (patch 4, 64 tokens), 10 classes."""
-    return create_vit("vit-tiny", dict(img_size=32, patch_size=4, num_classes=10, dim=128, depth=4, num_heads=4), **overrides)
+VIT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(img_size=32, patch_size=4, num_classes=10, dim=128, depth=4, num_heads=4),  # CPU-sized, 64 patches
+    "ti16": dict(dim=192, depth=12, num_heads=3),  # timm vit_tiny_patch16_224
+    "s16": dict(dim=384, depth=12, num_heads=6),  # timm vit_small_patch16_224
+    "b16": dict(dim=768, depth=12, num_heads=12),  # timm vit_base_patch16_224
+    "l16": dict(dim=1024, depth=24, num_heads=16),  # timm vit_large_patch16_224
+}
+
+# vit-<size>-<variant>: the attention-mixers issue's mixers that can mix bidirectionally
+VIT_MIXER_VARIANTS: dict[str, Any] = {
+    "linear": "linear",
+    "sliding-window": "sliding_window",
+    "block-sparse": "block_sparse",
+}
 
 
-@register_model
-def vit_ti16(**overrides) -> ViT:
-    """ViT-Ti/16 (timm ``vit_tiny_patch16_224``)."""
-    return create_vit("vit-ti16", dict(dim=192, depth=12, num_heads=3), **overrides)
+def _vit_entrypoint(name: str, defaults: dict[str, Any]):
+    def entrypoint(**overrides) -> ViT:
+        return create_vit(name, defaults, **overrides)
+
+    entrypoint.__doc__ = f"{name}: {defaults}"
+    return entrypoint
 
 
-@register_model
-def vit_s16(**overrides) -> ViT:
-    """ViT-S/16 (timm ``vit_small_patch16_224``)."""
-    return create_vit("vit-s16", dict(dim=384, depth=12, num_heads=6), **overrides)
+def register_vit_sizes() -> None:
+    for size, defaults in VIT_SIZES.items():
+        register_model(_vit_entrypoint(f"vit-{size}", defaults), name=f"vit-{size}")
+        for variant, mixer in VIT_MIXER_VARIANTS.items():
+            name = f"vit-{size}-{variant}"
+            register_model(_vit_entrypoint(name, {**defaults, "mixer": mixer}), name=name)
 
 
-@register_model
-def vit_b16(**overrides) -> ViT:
-    """ViT-B/16 (timm ``vit_base_patch16_224``)."""
-    return create_vit("vit-b16", dict(dim=768, depth=12, num_heads=12), **overrides)
-
-
-@register_model
-def vit_l16(**overrides) -> ViT:
-    """ViT-L/16 (timm ``vit_large_patch16_224``)."""
-    return create_vit("vit-l16", dict(dim=1024, depth=24, num_heads=16), **overrides)
+register_vit_sizes()
