@@ -9,6 +9,7 @@ O(1-10); weight gradients, sums over B*T tokens, reach ~50):
   flash-linear-attention's tests, the fast backend's error must be at most 2x (+
   ``BF16_RATIO_EPS``) the error of the plain-math backend run in bf16, so a kernel that is
   "within tolerance" but clearly worse than the naive computation still fails.
+The tolerance helpers and the checks shared with the other mixers' tests are in ``mixer_checks.py``.
 """
 from __future__ import annotations
 
@@ -16,43 +17,24 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layers
 from layers.attention import ATTENTION_BACKENDS, Attention, naive_attention, resolve_backend, sdpa_attention, xformers_available
-
-FP32_TOL = 1e-5
-BF16_TOL = 3e-2
-BF16_RATIO_EPS = 1e-3
-
-
-def _scale(expected: torch.Tensor) -> float:
-    return max(1.0, expected.detach().abs().max().item())
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = FP32_TOL, msg: str = "") -> None:
-    """max |actual - expected| <= tol * max(1, max|expected|) (plus rtol=tol elementwise slack)."""
-    torch.testing.assert_close(actual, expected, atol=tol * _scale(expected), rtol=tol,
-                               msg=(lambda m: f"{msg}: {m}") if msg else None)
+from mixer_checks import (BF16_TOL, assert_close, check_backends_match_reference, check_bf16_backends,
+                          check_bf16_ratio_with_and_without_mask, check_bidirectional_cannot_decode,
+                          check_fully_padded_rows, check_padded_equals_alone, check_padding_gets_no_gradient,
+                          check_prefill_gradient, check_prefill_then_steps, init_params, max_err, padding_mask,
+                          prefill_chunks, rand_x, reference_softmax_module, shape_ids, step_through)
 
 # (batch, seq_len, dim, num_heads): T=1, odd T (7, 33), a single head, head_dim 16 and 32.
 SHAPES = [(1, 1, 32, 2), (2, 7, 48, 3), (3, 33, 64, 4), (2, 16, 64, 1), (2, 5, 64, 2)]
-SHAPE_IDS = [f"B{b}-T{t}-D{d}-H{h}" for b, t, d, h in SHAPES]
+SHAPE_IDS = shape_ids(SHAPES)
 BACKENDS = ["sdpa", "math", "auto"]
 
 
 # --- an independent reference -------------------------------------------------------------
-
-
-def ref_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """GPT-NeoX RoPE written with complex numbers: feature i pairs with i + Dh/2. x: [T, H, Dh]."""
-    half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
-    rot = torch.polar(torch.ones(len(positions), half, dtype=torch.float64), positions.double()[:, None] * freqs)
-    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * rot[:, None, :]
-    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
 def reference_attention_module(mixer: Attention, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,30 +43,17 @@ def reference_attention_module(mixer: Attention, x: torch.Tensor, mask: torch.Te
     Padded tokens neither attend nor are attended to; real tokens are numbered 0, 1, ... as if
     the sequence ran alone; padded outputs are zero. Differentiable w.r.t. x and the weights.
     """
-    B, T, D = x.shape
-    H, Dh = mixer.num_heads, mixer.head_dim
-    wq = lambda lin: (lin.weight.float(), None if lin.bias is None else lin.bias.float())
-    qkv = F.linear(x.float(), *wq(mixer.qkv)).view(B, T, 3, H, Dh)
-    outs = []
-    for b in range(B):
-        real = torch.ones(T, dtype=torch.bool) if mask is None else mask[b]
-        idx = real.nonzero().flatten()
-        y = torch.zeros(T, D)
-        if len(idx):
-            q, k, v = (qkv[b, idx, i] for i in range(3))  # [n, H, Dh]
-            if mixer.rope:
-                pos = torch.arange(len(idx))
-                q, k = ref_rope(q, pos, mixer.rotary_base), ref_rope(k, pos, mixer.rotary_base)
-            heads = []
-            for h in range(H):
-                scores = q[:, h] @ k[:, h].T / math.sqrt(Dh)
-                if mixer.causal:
-                    scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-                heads.append(scores.softmax(-1) @ v[:, h])
-            y_real = F.linear(torch.cat(heads, dim=-1), *wq(mixer.proj))
-            y = y.index_put((idx,), y_real)
-        outs.append(y)
-    return torch.stack(outs)
+
+    def attend(q, k, v):  # [n, H, Dh] each: an explicit softmax per head
+        heads = []
+        for h in range(mixer.num_heads):
+            scores = q[:, h] @ k[:, h].T / math.sqrt(mixer.head_dim)
+            if mixer.causal:
+                scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+            heads.append(scores.softmax(-1) @ v[:, h])
+        return torch.cat(heads, dim=-1)
+
+    return reference_softmax_module(mixer, x, mask, attend, rope_base=mixer.rotary_base)
 
 
 def make_mixers(dim, num_heads, causal=True, backends=("sdpa", "math"), dtype=torch.float32, **kwargs) -> dict[str, Attention]:
@@ -95,25 +64,12 @@ def make_mixers(dim, num_heads, causal=True, backends=("sdpa", "math"), dtype=to
         # "ref" names a float32 twin that the tests feed to reference_attention_module
         m = layers.create_mixer("attention", dim, num_heads, causal=causal, backend="math" if backend == "ref" else backend, **kwargs)
         if first is None:
-            with torch.no_grad():  # weights ~ 1.5/sqrt(dim): O(1) outputs, attention far from uniform
-                for name, p in m.named_parameters():
-                    p.normal_(0, 0.1) if name.endswith("bias") else p.normal_(0, 1.5 / math.sqrt(dim))
-            first = m
+            first = init_params(m, 1.5 / math.sqrt(dim))  # weights ~ 1.5/sqrt(dim): O(1) outputs, attention far from uniform
         else:
             m.load_state_dict(first.state_dict())
         m.rotary_base = kwargs.get("rope_base", 10000.0)
         out[backend] = m.to(dtype)
     return out
-
-
-def rand_x(B, T, D, dtype=torch.float32, requires_grad=False):
-    return torch.randn(B, T, D, dtype=dtype).requires_grad_(requires_grad)
-
-
-def padding_mask(lengths: list[int], T: int, side: str) -> torch.Tensor:
-    ar = torch.arange(T)[None]
-    lens = torch.tensor(lengths)[:, None]
-    return ar < lens if side == "right" else ar >= T - lens
 
 
 # --- the reference itself -------------------------------------------------------------------
@@ -174,17 +130,8 @@ def test_backward_backends_match_reference(B, T, D, H, causal):
     mixers = make_mixers(D, H, causal=causal, backends=("sdpa", "math", "ref"), qkv_bias=True, proj_bias=True)
     x0 = rand_x(B, T, D)
     dy = torch.randn(B, T, D)  # a random upstream gradient, so every output element matters
-    grads = {}
-    for backend, m in mixers.items():
-        x = x0.clone().requires_grad_(True)
-        y = reference_attention_module(m, x) if backend == "ref" else m(x)
-        (y * dy).sum().backward()
-        grads[backend] = {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
-    assert set(grads["ref"]) == {"x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
-    for backend in ("sdpa", "math"):
-        for name, g in grads["ref"].items():
-            assert g is not None and g.abs().max() > 0
-            assert_close(grads[backend][name], g, msg=f"{backend} grad of {name}")
+    check_backends_match_reference(mixers, reference_attention_module, x0, dy,
+                                   expected_params={"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"})
 
 
 @pytest.mark.parametrize("rope", [None, False, True])
@@ -221,14 +168,10 @@ def test_step_matches_forward(B, T, D, H, backend, max_len):
     state = m.init_state(B, max_len=cap)
     with torch.no_grad():
         full = m(x)
-        outs = []
-        for t in range(T):
-            y_t, state = m.step(x[:, t : t + 1], state)
-            assert y_t.shape == (B, 1, D)
-            outs.append(y_t)
+        y, state = step_through(m, x, state)
     assert state["pos"] == T
     assert state["k"].shape[2] >= T
-    assert_close(torch.cat(outs, 1), full)
+    assert_close(y, full)
 
 
 @pytest.mark.parametrize("prompt", [1, 4, 7])
@@ -237,15 +180,7 @@ def test_prefill_then_steps_matches_forward(prompt, preallocate):
     B, T, D, H = 2, 11, 48, 3
     m = make_mixers(D, H, backends=("sdpa",))["sdpa"]
     x = rand_x(B, T, D)
-    with torch.no_grad():
-        full = m(x)
-        state = m.init_state(B, max_len=T if preallocate else None)
-        y_p, state = m.prefill(x[:, :prompt], state)
-        outs = [y_p]
-        for t in range(prompt, T):
-            y_t, state = m.step(x[:, t : t + 1], state)
-            outs.append(y_t)
-    assert_close(torch.cat(outs, 1), full)
+    check_prefill_then_steps(m, x, prompt, state=m.init_state(B, max_len=T if preallocate else None))
 
 
 def test_chunked_prefill_matches_forward():
@@ -255,26 +190,15 @@ def test_chunked_prefill_matches_forward():
         m = make_mixers(D, H, backends=(backend,))[backend]
         x = rand_x(B, T, D)
         with torch.no_grad():
-            state = m.init_state(B)
-            outs = []
-            for lo, hi in [(0, 3), (3, 4), (4, 9), (9, 13)]:
-                y, state = m.prefill(x[:, lo:hi], state)
-                outs.append(y)
-            assert_close(torch.cat(outs, 1), m(x))
+            y, _ = prefill_chunks(m, x, [(0, 3), (3, 4), (4, 9), (9, 13)], m.init_state(B))
+            assert_close(y, m(x))
 
 
 def test_prefill_gradient_matches_forward():
     """A single prefill call is differentiable and has the forward pass's gradients."""
     m = make_mixers(32, 2, backends=("sdpa",))["sdpa"]
     x0, dy = rand_x(2, 6, 32), torch.randn(2, 6, 32)
-    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
-    (m(x1) * dy).sum().backward()
-    g_fwd = m.qkv.weight.grad.clone()
-    m.zero_grad()
-    y, _ = m.prefill(x2, m.init_state(2))
-    (y * dy).sum().backward()
-    assert_close(x2.grad, x1.grad)
-    assert_close(m.qkv.weight.grad, g_fwd)
+    check_prefill_gradient(m, x0, dy, "qkv.weight")
 
 
 def test_init_state_shapes_and_dtype():
@@ -310,11 +234,7 @@ def test_padding_mask_equals_running_alone(side, causal, rope, backend):
     m = make_mixers(D, H, causal=causal, backends=(backend,), rope=rope, qkv_bias=True, proj_bias=True)[backend]
     mask = padding_mask(lengths, T, side)
     x = rand_x(B, T, D)
-    y = m(x, mask=mask)
-    for b, n in enumerate(lengths):
-        alone = m(x[b : b + 1, mask[b]])
-        assert_close(y[b, mask[b]], alone[0])
-    assert torch.all(y[~mask] == 0)
+    y = check_padded_equals_alone(m, x, mask)
     assert_close(y, reference_attention_module(m, x, mask))
 
 
@@ -324,24 +244,15 @@ def test_padding_gets_no_gradient(causal):
     B, T, D, H = 3, 8, 32, 2
     m = make_mixers(D, H, causal=causal, backends=("sdpa",), proj_bias=True)["sdpa"]
     mask = padding_mask([8, 3, 5], T, "left")
-    x = rand_x(B, T, D, requires_grad=True)
+    x = rand_x(B, T, D)
     dy = torch.randn(B, T, D)
-    (m(x, mask=mask) * dy).sum().backward()
-    assert torch.all(x.grad[~mask] == 0)
-    for b in range(B):
-        xb = x.detach()[b : b + 1, mask[b]].clone().requires_grad_()
-        (m(xb) * dy[b : b + 1, mask[b]]).sum().backward()
-        assert_close(x.grad[b, mask[b]], xb.grad[0])
+    check_padding_gets_no_gradient(m, x, mask, dy)
 
 
 def test_fully_padded_row_is_zero_and_finite():
     m = make_mixers(32, 2, backends=("sdpa",), proj_bias=True)["sdpa"]
     mask = torch.tensor([[True, True, True], [False, False, False]])
-    x = rand_x(2, 3, 32, requires_grad=True)
-    y = m(x, mask=mask)
-    assert torch.all(y[1] == 0) and torch.isfinite(y).all()
-    y.sum().backward()
-    assert torch.isfinite(x.grad).all()
+    check_fully_padded_rows(m, rand_x(2, 3, 32), mask)
 
 
 def test_all_true_mask_equals_no_mask():
@@ -360,19 +271,10 @@ def test_padding_property(lengths, pad_left, causal, data):
     T = max(lengths) + data.draw(st.integers(0, 2))
     m = make_mixers(16, 2, causal=causal, backends=("sdpa",))["sdpa"]
     mask = padding_mask(lengths, T, "left" if pad_left else "right")
-    x = rand_x(len(lengths), T, 16)
-    y = m(x, mask=mask)
-    for b in range(len(lengths)):
-        assert_close(y[b, mask[b]], m(x[b : b + 1, mask[b]])[0])
-    assert torch.all(y[~mask] == 0)
+    check_padded_equals_alone(m, rand_x(len(lengths), T, 16), mask)
 
 
 # --- bfloat16 -----------------------------------------------------------------------------------
-
-
-def _max_err(a, b):
-    """Max absolute error relative to the reference's scale (see the module docstring)."""
-    return (a.float() - b.float()).abs().max().item() / _scale(b)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -380,32 +282,10 @@ def _max_err(a, b):
 def test_bf16_fast_path_error_ratio(B, T, D, H, causal):
     """bf16 sdpa and bf16 math vs the float32 reference (same bf16-rounded weights and inputs)."""
     mixers = make_mixers(D, H, causal=causal, backends=("sdpa", "math"), dtype=torch.bfloat16, qkv_bias=True, proj_bias=True)
-    ref = make_mixers(D, H, causal=causal, backends=("ref",), qkv_bias=True, proj_bias=True)["ref"]
-    ref.load_state_dict({k: v.float() for k, v in mixers["sdpa"].state_dict().items()})  # exactly the bf16 weights
+    ref = make_mixers(D, H, causal=causal, backends=("ref",), qkv_bias=True, proj_bias=True)["ref"]  # gets the bf16 weights
     x = rand_x(B, T, D, dtype=torch.bfloat16)
     dy = torch.randn(B, T, D)
-
-    x_ref = x.float().requires_grad_()
-    y_ref = reference_attention_module(ref, x_ref)
-    (y_ref * dy).sum().backward()
-    errs = {}
-    for backend, m in mixers.items():
-        xb = x.clone().requires_grad_()
-        y = m(xb)
-        assert y.dtype == torch.bfloat16
-        (y.float() * dy).sum().backward()
-        errs[backend] = {
-            "y": _max_err(y, y_ref),
-            "dx": _max_err(xb.grad, x_ref.grad),
-            "dqkv": _max_err(m.qkv.weight.grad, ref.qkv.weight.grad),
-            "dproj": _max_err(m.proj.weight.grad, ref.proj.weight.grad),
-        }
-    for backend in mixers:
-        for key, err in errs[backend].items():
-            assert 0 < err <= BF16_TOL, f"bf16 {backend} {key}: scaled max error {err:.3g} vs fp32 reference"
-    for key in errs["sdpa"]:
-        fast, naive = errs["sdpa"][key], errs["math"][key]
-        assert fast <= 2 * naive + BF16_RATIO_EPS, f"{key}: bf16 sdpa error {fast:.3g} > 2x bf16 math error {naive:.3g}"
+    check_bf16_backends(mixers, ref, reference_attention_module, x, dy, fast="sdpa", naive="math")
 
 
 @pytest.mark.gpu
@@ -420,19 +300,16 @@ def test_cuda_bf16_sdpa_vs_math(causal):
     mixers["ref"].to(dev)
     x = torch.randn(4, 257, 128, device=dev, dtype=torch.bfloat16)
     mask = padding_mask([257, 100, 1, 200], 257, "left").to(dev)
-    for m_kw in ({}, {"mask": mask}):
-        want = mixers["ref"](x.float(), **m_kw)  # the fp32 math backend (the loop reference is too slow here)
-        e_fast = _max_err(mixers["sdpa"](x, **m_kw), want)
-        e_naive = _max_err(mixers["math"](x, **m_kw), want)
-        assert e_fast <= BF16_TOL and e_fast <= 2 * e_naive + BF16_RATIO_EPS, (e_fast, e_naive)
+    # against the fp32 math backend (the loop reference is too slow here)
+    check_bf16_ratio_with_and_without_mask(mixers["sdpa"], mixers["math"], mixers["ref"], x, mask, what="sdpa vs math")
     # decoding on CUDA matches the forward pass too
     m = mixers["sdpa"]
     if causal:
         with torch.no_grad():
             state = m.init_state(4, device=dev, max_len=257)
             y_p, state = m.prefill(x[:, :200], state)
-            ys = [y_p] + [m.step(x[:, t : t + 1], state)[0] for t in range(200, 257)]
-            assert _max_err(torch.cat(ys, 1), m(x)) <= BF16_TOL
+            y_s, _ = step_through(m, x[:, 200:], state)
+            assert max_err(torch.cat([y_p, y_s], 1), m(x)) <= BF16_TOL
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -506,15 +383,8 @@ def test_error_xformers_not_installed():
 
 
 def test_error_step_on_bidirectional_mixer():
-    bidir = layers.create_mixer("attention", 32, 2, causal=False)
-    with pytest.raises(ValueError, match="causal"):
-        bidir.init_state(1)
     # even with a cache borrowed from a causal twin, a bidirectional mixer cannot decode
-    state = layers.create_mixer("attention", 32, 2).init_state(1)
-    with pytest.raises(ValueError, match="causal"):
-        bidir.step(torch.randn(1, 1, 32), state)
-    with pytest.raises(ValueError, match="causal"):
-        bidir.prefill(torch.randn(1, 3, 32), state)
+    check_bidirectional_cannot_decode("attention")
 
 
 def test_error_step_needs_one_token(mixer):

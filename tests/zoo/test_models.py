@@ -140,7 +140,8 @@ def test_list_models_pattern():
     assert {"vit-tiny", "vit-ti16", "vit-s16", "vit-b16", "vit-l16"} <= set(vits)
     assert vits == sorted(n for n in zoo.list_models() if n.startswith("vit-"))
     assert {"lm-tiny", "lm-small", "lm-125m", "lm-350m", "lm-1b"} <= set(zoo.list_models("lm-*"))
-    assert zoo.list_models("vit-t*") == ["vit-ti16", "vit-tiny"]
+    assert zoo.list_models("vit-t*16") == ["vit-ti16"]
+    assert zoo.list_models("vit-t?ny") == ["vit-tiny"]
     assert zoo.list_models("nope-*") == []
 
 
