@@ -176,6 +176,7 @@ LM_MIXER_VARIANTS: dict[str, Any] = {
     "linear": "linear",
     "retnet": "retnet",
     "gla": "gla",
+    "based": [{"name": "based"}, {"name": "sliding_window", "window": 64}],  # Based: Taylor linear attention + small windows
     "deltanet": "deltanet",
     "gated-deltanet": "gated_deltanet",
     "sliding-window": "sliding_window",
