@@ -43,8 +43,10 @@ class ViTBlock(nn.Module):
         if not mixer_cls.supports_bidirectional:
             raise ValueError(f"mixer {mixer_name!r} is causal only and cannot serve a ViT (needs supports_bidirectional)")
         accepted = signature_kwargs(mixer_cls.__init__) or []
-        timm_layout = {"qkv_bias": config.qkv_bias, "proj_bias": True}  # biased projections, where the mixer has them
-        mixer_kwargs = {**{k: v for k, v in timm_layout.items() if k in accepted}, **mixer_kwargs}
+        # timm's biased projections, and the token count for mixers with a fixed length (linformer), where taken
+        num_tokens = (config.img_size // config.patch_size) ** 2 + 1
+        defaults = {"qkv_bias": config.qkv_bias, "proj_bias": True, "max_seq_len": num_tokens}
+        mixer_kwargs = {**{k: v for k, v in defaults.items() if k in accepted}, **mixer_kwargs}
         self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.mixer = layers.create_mixer(mixer_name, config.dim, config.num_heads, causal=False, **mixer_kwargs)
         self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
@@ -125,6 +127,8 @@ VIT_MIXER_VARIANTS: dict[str, Any] = {
     "linear": "linear",
     "sliding-window": "sliding_window",
     "block-sparse": "block_sparse",
+    "nystromformer": {"name": "nystromformer", "num_landmarks": 32},
+    "linformer": {"name": "linformer", "k": 64},
 }
 
 
