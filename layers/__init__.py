@@ -5,8 +5,8 @@ A layer never imports from ``zoo``. Importing this package registers every built
 from timm.layers import DropPath, PatchEmbed
 
 from layers import (  # noqa: F401  (registers the mixers)
-    based, block_sparse, deltanet, gated_deltanet, gla, linear_attention, linformer, nystromformer, retnet,
-    sliding_window,
+    based, block_sparse, cosformer, deltanet, gated_deltanet, gla, linear_attention, linformer, nystromformer,
+    performer, retnet, sliding_window,
 )
 from layers.attention import Attention, naive_attention
 from layers.mixer import Mixer, create_mixer, get_mixer_class, list_mixers, parse_mixer_spec, register_mixer

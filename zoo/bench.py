@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import layers
-from layers.registry import unknown_name_error
+from layers.registry import signature_kwargs, unknown_name_error
 from zoo.peers import SDPAAttention, plain_gpt_like, timm_peer_name, timm_vit_like
 from zoo.registry import create_model, list_models
 from zoo.train import resolve_device
@@ -87,12 +87,15 @@ MIXER_PEERS: dict[str, Callable[[layers.Mixer], tuple[str, Callable[[], nn.Modul
 
 def mixer_target(name: str, seq_lens: tuple[int, ...], dim: int, num_heads: int) -> Target:
     """The mixer alone on x: [B, T, dim] (requiring grad, as inside a network), causal where it supports it."""
-    causal = layers.get_mixer_class(name).supports_causal
+    cls = layers.get_mixer_class(name)
+    causal = cls.supports_causal
+    # fixed-length mixers (linformer, cosformer) get the longest benchmarked length
+    options = {"max_seq_len": max(seq_lens)} if "max_seq_len" in (signature_kwargs(cls.__init__) or []) else {}
     with torch.device("meta"):
-        meta = layers.create_mixer(name, dim, num_heads, causal=causal)
+        meta = layers.create_mixer(name, dim, num_heads, causal=causal, **options)
     return Target(
         name, "mixer",
-        build=lambda: layers.create_mixer(name, dim, num_heads, causal=causal),
+        build=lambda: layers.create_mixer(name, dim, num_heads, causal=causal, **options),
         peer=MIXER_PEERS[name](meta) if name in MIXER_PEERS else None,
         inputs=lambda b, t, device, dtype: (torch.randn(b, t, dim, device=device, dtype=dtype, requires_grad=True),),
         seq_lens=seq_lens,

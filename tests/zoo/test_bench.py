@@ -158,3 +158,11 @@ def test_spine_script_smoke(tmp_path):
     (training,) = report["training"]
     assert training["model"] == "lm-tiny" and training["ratio"] > 0 and training["ours_mfu"] > 0
     assert "cpu" in paths["md"].read_text()
+
+
+@pytest.mark.parametrize("mixer", layers.list_mixers())
+def test_every_registered_mixer_benchmarks_as_a_layer(mixer):
+    rows = benchmark([mixer], seq_lens=(16,), batch=2, dim=32, num_heads=2, warmup=1, iters=1, with_peer=False)
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert {r["regime"] for r in ours} == {"latency", "throughput"}
+    assert all(r["fwd_bwd_ms"] > 0 and r["fwd_flops"] > 0 for r in ours)

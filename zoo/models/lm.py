@@ -14,6 +14,7 @@ from pydantic import PositiveInt, field_validator
 from torch import nn
 
 import layers
+from layers.registry import signature_kwargs
 from zoo.models.base import MixerStackConfig, ZooModel
 from zoo.registry import register_family, register_model
 
@@ -47,6 +48,8 @@ class LMConfig(MixerStackConfig):
 class LMBlock(nn.Module):
     def __init__(self, config: LMConfig, mixer_name: str, mixer_kwargs: dict[str, Any]):
         super().__init__()
+        if "max_seq_len" in (signature_kwargs(layers.get_mixer_class(mixer_name).__init__) or []):
+            mixer_kwargs = {"max_seq_len": config.max_seq_len, **mixer_kwargs}  # fixed-length mixers (cosformer)
         self.norm1 = layers.create_norm(config.norm, config.dim)
         self.mixer = layers.create_mixer(mixer_name, config.dim, config.num_heads, causal=True, **mixer_kwargs)
         self.norm2 = layers.create_norm(config.norm, config.dim)
@@ -179,6 +182,8 @@ LM_MIXER_VARIANTS: dict[str, Any] = {
     "based": [{"name": "based"}, {"name": "sliding_window", "window": 64}],  # Based: Taylor linear attention + small windows
     "deltanet": "deltanet",
     "gated-deltanet": "gated_deltanet",
+    "performer": "performer",
+    "cosformer": "cosformer",
     "sliding-window": "sliding_window",
     "block-sparse": "block_sparse",
     "gla-hybrid": ["gla", "gla", "gla", "attention"],  # 3 GLA layers then 1 attention layer, repeated

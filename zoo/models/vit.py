@@ -129,6 +129,8 @@ VIT_MIXER_VARIANTS: dict[str, Any] = {
     "block-sparse": "block_sparse",
     "nystromformer": {"name": "nystromformer", "num_landmarks": 32},
     "linformer": {"name": "linformer", "k": 64},
+    "performer": "performer",
+    "cosformer": "cosformer",
 }
 
 
