@@ -34,6 +34,28 @@ def register_model(fn: Callable | None = None, *, name: str | None = None):
     return decorator(fn) if fn is not None else decorator
 
 
+def register_size_table(prefix: str, sizes: dict[str, dict[str, Any]], variants: dict[str, Any],
+                        build: Callable[..., nn.Module]) -> None:
+    """Register ``<prefix>-<size>`` and ``<prefix>-<size>-<variant>`` (the variant sets ``mixer``) as thin
+    entrypoints calling ``build(name, defaults, **overrides)``. A per-layer mixer list is registered only
+    for sizes whose depth it divides."""
+
+    def entrypoint(name: str, defaults: dict[str, Any]) -> Callable[..., nn.Module]:
+        def create(**overrides) -> nn.Module:
+            return build(name, defaults, **overrides)
+
+        create.__doc__ = f"{name}: {defaults}"
+        return create
+
+    for size, defaults in sizes.items():
+        register_model(entrypoint(f"{prefix}-{size}", defaults), name=f"{prefix}-{size}")
+        for variant, mixer in variants.items():
+            if isinstance(mixer, list) and defaults["depth"] % len(mixer):
+                continue
+            name = f"{prefix}-{size}-{variant}"
+            register_model(entrypoint(name, {**defaults, "mixer": mixer}), name=name)
+
+
 def register_family(name: str):
     """Class decorator for a family's model class (it must define ``config_class``)."""
 

@@ -16,7 +16,7 @@ from torch import nn
 import layers
 from layers.registry import signature_kwargs
 from zoo.models.base import MixerStackConfig, ZooModel
-from zoo.registry import register_family, register_model
+from zoo.registry import register_family, register_size_table
 
 class LMConfig(MixerStackConfig):
     vocab_size: PositiveInt = 256
@@ -190,23 +190,4 @@ LM_MIXER_VARIANTS: dict[str, Any] = {
 }
 
 
-def _lm_entrypoint(name: str, defaults: dict[str, Any]):
-    def entrypoint(**overrides) -> LM:
-        return create_lm(name, defaults, **overrides)
-
-    entrypoint.__doc__ = f"{name}: {defaults}"
-    return entrypoint
-
-
-def register_lm_sizes() -> None:
-    """``lm-<size>`` with attention, and ``lm-<size>-<variant>`` wherever the variant's layer pattern divides depth."""
-    for size, defaults in LM_SIZES.items():
-        register_model(_lm_entrypoint(f"lm-{size}", defaults), name=f"lm-{size}")
-        for variant, mixer in LM_MIXER_VARIANTS.items():
-            if isinstance(mixer, list) and defaults["depth"] % len(mixer):
-                continue
-            name = f"lm-{size}-{variant}"
-            register_model(_lm_entrypoint(name, {**defaults, "mixer": mixer}), name=name)
-
-
-register_lm_sizes()
+register_size_table("lm", LM_SIZES, LM_MIXER_VARIANTS, create_lm)

@@ -11,7 +11,7 @@ from torch import nn
 import layers
 from layers.registry import signature_kwargs
 from zoo.models.base import MixerStackConfig, ZooModel
-from zoo.registry import register_family, register_model
+from zoo.registry import register_family, register_size_table
 
 
 class ViTConfig(MixerStackConfig):
@@ -134,20 +134,4 @@ VIT_MIXER_VARIANTS: dict[str, Any] = {
 }
 
 
-def _vit_entrypoint(name: str, defaults: dict[str, Any]):
-    def entrypoint(**overrides) -> ViT:
-        return create_vit(name, defaults, **overrides)
-
-    entrypoint.__doc__ = f"{name}: {defaults}"
-    return entrypoint
-
-
-def register_vit_sizes() -> None:
-    for size, defaults in VIT_SIZES.items():
-        register_model(_vit_entrypoint(f"vit-{size}", defaults), name=f"vit-{size}")
-        for variant, mixer in VIT_MIXER_VARIANTS.items():
-            name = f"vit-{size}-{variant}"
-            register_model(_vit_entrypoint(name, {**defaults, "mixer": mixer}), name=name)
-
-
-register_vit_sizes()
+register_size_table("vit", VIT_SIZES, VIT_MIXER_VARIANTS, create_vit)
