@@ -75,6 +75,7 @@ def tiny_kwargs(tmp_path, text_file, image_root):
         "textfile": dict(path=text_file, seq_len=16, val_fraction=0.2),
         "shapes": dict(num_examples=8),
         "imagefolder": dict(root=image_root, image_size=16),
+        "listops": dict(num_examples=8, min_length=20, max_length=60),
     }
     if HAS_DATASETS:
         hf_path = tmp_path / "hf_tiny"
@@ -94,18 +95,30 @@ def test_every_registered_dataset_builds(name, split, tiny_kwargs):
         pytest.skip("the optional 'datasets' package is not installed (its error is tested below)")
     ds = create_dataset(name, split, **tiny_kwargs[name])
     assert len(ds) > 0
-    item = ds[0]
-    if ds.task == "lm":
-        assert set(item) == {"input_ids", "labels"}
-        for key in item:
-            assert item[key].dtype == torch.long and item[key].shape == (ds.seq_len,)
-        assert 0 <= int(item["input_ids"].min()) and int(item["input_ids"].max()) < ds.vocab_size
-    else:
-        assert ds.task == "classification"
-        assert item["image"].dtype == torch.float32 and item["image"].shape == (3, ds.image_size, ds.image_size)
-        assert item["label"].dtype == torch.long and item["label"].dim() == 0
-        assert 0 <= int(item["label"]) < ds.num_classes == len(ds.class_names)
-        assert isinstance(item["caption"], str) and item["caption"]
+    ITEM_CHECKS[ds.task](ds, ds[0])
+
+
+def check_token_item(ds, item):
+    assert set(item) == {"input_ids", "labels"}
+    for key in item:
+        assert item[key].dtype == torch.long and item[key].shape == (ds.seq_len,)
+    assert 0 <= int(item["input_ids"].min()) and int(item["input_ids"].max()) < ds.vocab_size
+
+
+def check_image_item(ds, item):
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, ds.image_size, ds.image_size)
+    assert item["label"].dtype == torch.long and item["label"].dim() == 0
+    assert 0 <= int(item["label"]) < ds.num_classes == len(ds.class_names)
+    assert isinstance(item["caption"], str) and item["caption"]
+
+
+def check_sequence_item(ds, item):
+    assert set(item) == {"input_ids", "mask", "label"}
+    assert item["input_ids"].shape == item["mask"].shape == (ds.seq_len,) and item["mask"].dtype == torch.bool
+    assert 0 <= int(item["input_ids"].max()) < ds.vocab_size and 0 <= int(item["label"]) < ds.num_classes
+
+
+ITEM_CHECKS = {"lm": check_token_item, "classification": check_image_item, "sequence_classification": check_sequence_item}
 
 
 def test_unknown_name_suggests_close_match():
