@@ -148,3 +148,57 @@ def plot_mqar(table: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- LRA ListOps (Tay et al. 2021, Table 1) ---------------------------------------------------------
+
+LISTOPS_MIXERS = {  # our mixer -> the LRA column it is compared with
+    "attention": ("Transformer", 36.37),
+    "linear": ("Linear Trans.", 16.13),
+    "performer": ("Performer", 18.01),
+    "linformer": ("Linformer", 35.70),
+    "nystromformer": ("Nystromformer", None),
+    "sliding_window": ("Local Att", 15.82),
+    "block_sparse": ("BigBird", 36.05),
+}
+
+
+def listops_runs(quick: bool) -> list[dict[str, Any]]:
+    """Quick: a 2-layer, 64-wide encoder on sequences of 20-100 tokens (CPU); full: LRA's 4 x 512 x 8 heads, 500-2000."""
+    if quick:
+        return [dict(mixer=m, model="encoder-tiny", min_length=20, max_length=100, train_examples=4000, steps=300,
+                     batch_size=32, lr=1e-3) for m in ("attention", "linear")]
+    return [dict(mixer=m, model="encoder-listops", min_length=500, max_length=2000, train_examples=96000, steps=5000,
+                 batch_size=32, lr=5e-4) for m in LISTOPS_MIXERS]
+
+
+def listops_config(run: dict[str, Any], out_dir: Path):
+    from zoo.config import validate_run_config
+
+    data = {"name": "listops", "min_length": run["min_length"], "max_length": run["max_length"]}
+    return validate_run_config({
+        "model": {"name": run["model"], "mixer": run["mixer"], "max_seq_len": run["max_length"] + 1},
+        "data": data | {"num_examples": run["train_examples"]},
+        "task": {"name": "sequence_classification"},
+        "train": {"steps": run["steps"], "batch_size": run["batch_size"], "lr": run["lr"], "warmup_steps": run["steps"] // 10,
+                  "weight_decay": 0.01, "eval_every": run["steps"], "eval_batches": None, "progress": False},
+        "out_dir": str(out_dir),
+    })
+
+
+@register_reproduction("listops")
+def listops(quick: bool, out_dir: Path) -> dict[str, Any]:
+    """Test accuracy per mixer on ListOps beside LRA's published column (the quick run is far smaller than LRA's)."""
+    from zoo.evaluate import evaluate_checkpoint
+
+    results = []
+    for run in listops_runs(quick):
+        run_dir = out_dir / run["mixer"]
+        train(listops_config(run, run_dir))
+        test = evaluate_checkpoint(run_dir, ["split=test", f"data.num_examples={200 if quick else 2000}"])
+        paper_name, paper = LISTOPS_MIXERS[run["mixer"]]
+        results.append({**run, "test_accuracy": test["accuracy"], "lra_model": paper_name, "lra_accuracy": paper})
+    rows = [f"| {r['mixer']} | {100 * r['test_accuracy']:.2f} | {r['lra_model']} | {r['lra_accuracy'] or 'n/a'} |" for r in results]
+    table = "| mixer | ours (test %) | LRA model | LRA (test %) |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    (out_dir / "listops.md").write_text("# ListOps\n\n" + table)
+    return {"runs": results, "table": str(out_dir / "listops.md")}

@@ -42,3 +42,23 @@ def test_mqar_reports_the_best_learning_rate_per_cell(monkeypatch, tmp_path):
     assert "~1.0 at every width" in (tmp_path / "mqar.md").read_text()
     assert (tmp_path / "mqar.png").stat().st_size > 0
     assert json.loads((tmp_path / "result.json").read_text())["attention_d64"] == 0.995
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_listops_configs_build(quick, tmp_path):
+    for run in reproduce.listops_runs(quick):
+        config = reproduce.listops_config(run, tmp_path / run["mixer"])
+        with torch.device("meta"):
+            model = zoo.create_model(config.model.name, **config.model.kwargs())
+        assert model.config.max_seq_len == run["max_length"] + 1
+        assert {b.mixer.mixer_name for b in model.blocks} == {run["mixer"]}
+
+
+def test_listops_reports_each_mixer_beside_lra(monkeypatch, tmp_path):
+    runs = [dict(r, steps=2, train_examples=16, min_length=10, max_length=30) for r in reproduce.listops_runs(True)]
+    monkeypatch.setattr(reproduce, "listops_runs", lambda quick: runs)
+    result = reproduce.reproduce("listops", quick=True, out_dir=tmp_path)
+    assert [r["mixer"] for r in result["runs"]] == ["attention", "linear"]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in result["runs"])
+    table = (tmp_path / "listops.md").read_text()
+    assert "Transformer | 36.37" in table and "Linear Trans. | 16.13" in table
