@@ -428,3 +428,82 @@ def check_bf16_chunked_vs_naive(m: nn.Module, ref_m: nn.Module, reference: Calla
     assert max_err(dx, dx_ref) <= BF16_TOL, f"dx: {max_err(dx, dx_ref):.3g}"
     err_param = max_err(m.get_parameter(param).grad, ref_m.get_parameter(param).grad)
     assert err_param <= BF16_TOL, f"grad of {param}: {err_param:.3g}"
+
+
+def check_backward_with_left_padding(m: nn.Module, reference: Callable, num_grads: int) -> None:
+    """``check_mixer_matches_reference_grads`` on a random [3, 37, 32] batch left-padded to lengths
+    [37, 20, 5]; ``num_grads`` is how many gradients (x's and the weights') it must compare."""
+    B, T, D = 3, 37, 32
+    mask = padding_mask([37, 20, 5], T, "left")
+    x0, dy = torch.randn(B, T, D), torch.randn(B, T, D)
+    assert len(check_mixer_matches_reference_grads(m, reference, x0, dy, mask)) == num_grads
+
+
+def check_masked_prefill_states(m: nn.Module, x: torch.Tensor, mask: torch.Tensor, keys: Iterable[str]) -> None:
+    """The final states (``keys``, and ``pos``) of a masked prefill are each sequence's own."""
+    keys = tuple(keys)
+    _, state = m.prefill(x, m.init_state(len(x)), mask)
+    for b in range(len(x)):
+        _, alone = m.prefill(x[b : b + 1, mask[b]], m.init_state(1))
+        for key in keys:
+            assert_close(state[key][b], alone[key][0], msg=key)
+        assert state["pos"][b] == int(mask[b].sum())
+
+
+def check_padding_equals_alone_and_reference(m: nn.Module, reference: Callable, side: str,
+                                             state_keys: Iterable[str] | None = None):
+    """A random [4, 21, 32] batch of lengths [21, 9, 1, 14] padded on ``side``: outputs equal each
+    sequence alone and ``reference(m, x, mask)``; with ``state_keys``, also ``check_masked_prefill_states``.
+    Returns (x, mask)."""
+    B, T, D = 4, 21, 32
+    mask = padding_mask([21, 9, 1, 14], T, side)
+    x = torch.randn(B, T, D)
+    y = check_padded_equals_alone(m, x, mask)
+    assert_close(y, reference(m, x, mask))
+    if state_keys is not None:
+        check_masked_prefill_states(m, x, mask, state_keys)
+    return x, mask
+
+
+def state_checker(keys: Iterable[str]) -> Callable[[dict, dict], None]:
+    """A ``check_states`` for ``check_prefill_then_steps``: both states have exactly ``keys`` and agree."""
+    keys = set(keys)
+
+    def check_states(state, s2):
+        assert set(state) == set(s2) == keys
+        for key in state:
+            assert_close(state[key].float(), s2[key].float(), msg=key)
+
+    return check_states
+
+
+def check_state_dtype_option(m: nn.Module, keys: Iterable[str], keys_after: Iterable[str] = ("S",)) -> None:
+    """For a mixer made with ``state_dtype=torch.float64`` (dim 32): ``init_state`` has ``keys`` in
+    float64, a prefill keeps ``keys_after`` in float64 with float32 output, and matches ``m(x)``."""
+    x = torch.randn(2, 9, 32)
+    s = m.init_state(2)
+    assert all(s[k].dtype == torch.float64 for k in keys)
+    y, s = m.prefill(x, s)
+    assert all(s[k].dtype == torch.float64 for k in keys_after) and y.dtype == torch.float32
+    assert_close(y, m(x))
+
+
+def check_input_errors(m: nn.Module) -> None:
+    """A dim-32 mixer rejects a step input of the wrong shape, x of the wrong width and a non-bool mask."""
+    with pytest.raises(ValueError, match=r"x_t must have shape \[batch, 1, 32\]"):
+        m.step(torch.randn(2, 3, 32), m.init_state(2))
+    with pytest.raises(ValueError, match=r"shape \[batch, seq_len, 32\]"):
+        m(torch.randn(2, 5, 31))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        m(torch.randn(2, 5, 32), mask=torch.ones(2, 5))
+
+
+def check_bf16_mixer_vs_naive(make_mixer: Callable[..., nn.Module], reference: Callable, param: str, **kwargs) -> None:
+    """``check_bf16_chunked_vs_naive`` on a random [2, 70, 64] batch, 2 heads: a bf16 mixer from
+    ``make_mixer(64, 2, dtype=torch.bfloat16, **kwargs)`` against a float32 one (which gets its weights)."""
+    B, T, D, H = 2, 70, 64, 2
+    m = make_mixer(D, H, dtype=torch.bfloat16, **kwargs)
+    x = torch.randn(B, T, D, dtype=torch.bfloat16)
+    dy = torch.randn(B, T, D)
+    ref_m = make_mixer(D, H, **kwargs)
+    check_bf16_chunked_vs_naive(m, ref_m, reference, x, dy, param)

@@ -16,10 +16,10 @@ import torch
 import layers
 from layers.based import Based, naive_based, taylor_feature_map
 from layers.linear_attention import chunk_gla, naive_recurrent_gla
-from mixer_checks import (assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph,
-                          check_mixer_matches_reference_grads, check_padded_equals_alone, check_prefill_gradient,
-                          check_prefill_then_steps, init_params, linear, padding_mask, per_sequence, prefill_chunks,
-                          step_through)
+from mixer_checks import (assert_close, check_backward_with_left_padding, check_bf16_chunked_vs_naive,
+                          check_compile_fullgraph, check_input_errors, check_padding_equals_alone_and_reference,
+                          check_prefill_gradient, check_prefill_then_steps, check_state_dtype_option, init_params,
+                          linear, padding_mask, per_sequence, prefill_chunks, state_checker, step_through)
 
 
 def reference_based_module(m: Based, x, mask=None, dtype=torch.float32):
@@ -99,12 +99,7 @@ def test_chunk_reference_step_prefill_agree(B, T, D, H):
     with torch.no_grad():
         y_steps, s_steps = step_through(m, x, m.init_state(B))
         assert_close(y_steps, y)
-
-    def check_states(a, b):
-        assert set(a) == set(b) == {"S", "z", "pos"}
-        for key in a:
-            assert_close(a[key].float(), b[key].float(), msg=key)
-
+    check_states = state_checker({"S", "z", "pos"})
     state = check_prefill_then_steps(m, x, T // 2, check_states=check_states)
     check_states(state, s_steps)
     assert state["pos"].tolist() == [T] * B
@@ -123,11 +118,8 @@ def test_default_feature_dim_matches_reference():
 
 def test_backward_matches_reference():
     """Gradients of x, qkv and proj (weights and biases) agree with the reference's (left padding)."""
-    B, T, D, H = 3, 37, 32, 2
-    m = make_mixer(D, H, feature_dim=4, qkv_bias=True, proj_bias=True)
-    mask = padding_mask([37, 20, 5], T, "left")
-    x0, dy = torch.randn(B, T, D), torch.randn(B, T, D)
-    assert len(check_mixer_matches_reference_grads(m, reference_based_module, x0, dy, mask)) == 5
+    m = make_mixer(32, 2, feature_dim=4, qkv_bias=True, proj_bias=True)
+    check_backward_with_left_padding(m, reference_based_module, 5)
 
 
 def test_prefill_gradient_matches_forward():
@@ -148,19 +140,8 @@ def test_bf16_error_ratio():
 def test_padding_mask_equals_running_alone(side):
     """Real outputs equal each sequence alone (and the reference); masked prefill's final states are
     each sequence's own; padded inputs get no gradient."""
-    B, T, D, H = 4, 21, 32, 2
-    lengths = [21, 9, 1, 14]
-    m = make_mixer(D, H, feature_dim=4, qkv_bias=True)
-    mask = padding_mask(lengths, T, side)
-    x = torch.randn(B, T, D)
-    y = check_padded_equals_alone(m, x, mask)
-    assert_close(y, reference_based_module(m, x, mask))
-    _, state = m.prefill(x, m.init_state(B), mask)
-    for b in range(B):
-        _, alone = m.prefill(x[b : b + 1, mask[b]], m.init_state(1))
-        for key in ("S", "z"):
-            assert_close(state[key][b], alone[key][0], msg=key)
-        assert state["pos"][b] == lengths[b]
+    m = make_mixer(32, 2, feature_dim=4, qkv_bias=True)
+    x, mask = check_padding_equals_alone_and_reference(m, reference_based_module, side, ("S", "z"))
     xg = x.clone().requires_grad_()
     m(xg, mask=mask).sum().backward()
     assert torch.all(xg.grad[~mask] == 0) and torch.isfinite(xg.grad).all()
@@ -181,12 +162,7 @@ def test_state_size(D, H, feature_dim):
 
 def test_state_dtype_option():
     m = make_mixer(32, 2, feature_dim=4, state_dtype=torch.float64)
-    x = torch.randn(2, 9, 32)
-    s = m.init_state(2)
-    assert s["S"].dtype == s["z"].dtype == torch.float64
-    y, s = m.prefill(x, s)
-    assert s["S"].dtype == s["z"].dtype == torch.float64 and y.dtype == torch.float32
-    assert_close(y, m(x))
+    check_state_dtype_option(m, ("S", "z"), keys_after=("S", "z"))
 
 
 def test_compile_fullgraph():
@@ -218,13 +194,7 @@ def test_error_bad_options():
 
 
 def test_error_inputs():
-    m = layers.create_mixer("based", 32, 2)
-    with pytest.raises(ValueError, match=r"x_t must have shape \[batch, 1, 32\]"):
-        m.step(torch.randn(2, 3, 32), m.init_state(2))
-    with pytest.raises(ValueError, match=r"shape \[batch, seq_len, 32\]"):
-        m(torch.randn(2, 5, 31))
-    with pytest.raises(ValueError, match="mask must be a bool tensor"):
-        m(torch.randn(2, 5, 32), mask=torch.ones(2, 5))
+    check_input_errors(layers.create_mixer("based", 32, 2))
 
 
 def test_repr_and_registry():

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 import layers
 from layers.linear_attention import (FEATURE_MAPS, LinearAttention, chunk_gla, fla_available, naive_linear_attention,
                                      naive_recurrent_gla, recurrent_step)
-from mixer_checks import (assert_close, check_bf16_chunked_vs_naive, check_bidirectional_cannot_decode,
-                          check_compile_fullgraph, check_fla_matches_torch, check_mixer_matches_reference_grads,
-                          check_padded_equals_alone, check_prefill_gradient, check_prefill_then_steps, init_params,
-                          linear, max_err, padding_mask, per_sequence, rand_qkv, shape_ids)
+from mixer_checks import (assert_close, check_backward_with_left_padding, check_bf16_mixer_vs_naive,
+                          check_bidirectional_cannot_decode, check_compile_fullgraph, check_fla_matches_torch,
+                          check_input_errors, check_padded_equals_alone, check_padding_equals_alone_and_reference,
+                          check_prefill_gradient, check_prefill_then_steps, check_state_dtype_option, init_params,
+                          linear, max_err, padding_mask, per_sequence, rand_qkv, shape_ids, state_checker)
 
 CORE_BF16_TOL = 1e-2
 
@@ -228,11 +229,8 @@ def test_forward_matches_reference(B, T, D, H, feature_map, normalize, causal):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_backward_matches_reference(causal, normalize):
     """Gradients of x and of every weight agree with the reference's (padding mask on)."""
-    B, T, D, H = 3, 37, 32, 2
-    m = make_mixer(D, H, causal=causal, normalize=normalize, qkv_bias=True, proj_bias=True)
-    mask = padding_mask([37, 20, 5], T, "left")
-    x0, dy = torch.randn(B, T, D), torch.randn(B, T, D)
-    assert len(check_mixer_matches_reference_grads(m, reference_linear_module, x0, dy, mask)) == 9
+    m = make_mixer(32, 2, causal=causal, normalize=normalize, qkv_bias=True, proj_bias=True)
+    check_backward_with_left_padding(m, reference_linear_module, 9)
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -246,12 +244,7 @@ def test_prefill_then_steps_matches_forward(prompt, normalize):
     B, T, D, H = 2, 30, 32, 2
     m = make_mixer(D, H, normalize=normalize)
     x = torch.randn(B, T, D)
-
-    def check_states(state, s2):
-        assert set(state) == set(s2) == ({"S", "z", "pos"} if normalize else {"S", "pos"})
-        for key in state:
-            assert_close(state[key].float(), s2[key].float(), msg=key)
-
+    check_states = state_checker({"S", "z", "pos"} if normalize else {"S", "pos"})
     state = check_prefill_then_steps(m, x, prompt, check_states=check_states)
     assert state["pos"].tolist() == [T] * B
 
@@ -265,20 +258,9 @@ def test_prefill_gradient_matches_forward():
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_padding_mask_equals_running_alone(side, causal):
-    B, T, D, H = 4, 21, 32, 2
-    lengths = [21, 9, 1, 14]
-    m = make_mixer(D, H, causal=causal, qkv_bias=True)
-    mask = padding_mask(lengths, T, side)
-    x = torch.randn(B, T, D)
-    y = check_padded_equals_alone(m, x, mask)
-    assert_close(y, reference_linear_module(m, x, mask))
-    if causal:  # final states of a masked prefill are each sequence's own
-        _, state = m.prefill(x, m.init_state(B), mask)
-        for b in range(B):
-            _, alone = m.prefill(x[b : b + 1, mask[b]], m.init_state(1))
-            for key in ("S", "z"):
-                assert_close(state[key][b], alone[key][0], msg=key)
-            assert state["pos"][b] == lengths[b]
+    m = make_mixer(32, 2, causal=causal, qkv_bias=True)
+    # if causal: the final states of a masked prefill are each sequence's own
+    check_padding_equals_alone_and_reference(m, reference_linear_module, side, ("S", "z") if causal else None)
 
 
 @settings(max_examples=8, deadline=None)
@@ -304,12 +286,7 @@ def test_state_size(D, H, normalize):
 
 def test_state_dtype_option():
     m = make_mixer(32, 2, state_dtype=torch.float64)
-    x = torch.randn(2, 9, 32)
-    s = m.init_state(2)
-    assert s["S"].dtype == s["z"].dtype == torch.float64
-    y, s = m.prefill(x, s)
-    assert s["S"].dtype == torch.float64 and y.dtype == torch.float32
-    assert_close(y, m(x))
+    check_state_dtype_option(m, ("S", "z"))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -324,12 +301,7 @@ def test_compile_fullgraph(causal):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_bf16_error_ratio(causal):
-    B, T, D, H = 2, 70, 64, 2
-    m = make_mixer(D, H, dtype=torch.bfloat16, causal=causal, qkv_bias=True)
-    x = torch.randn(B, T, D, dtype=torch.bfloat16)
-    dy = torch.randn(B, T, D)
-    ref_m = make_mixer(D, H, causal=causal, qkv_bias=True)  # the helper loads m's bf16 weights into it
-    check_bf16_chunked_vs_naive(m, ref_m, reference_linear_module, x, dy, "q_proj.weight")
+    check_bf16_mixer_vs_naive(make_mixer, reference_linear_module, "q_proj.weight", causal=causal, qkv_bias=True)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -378,13 +350,7 @@ def test_error_decoding_a_bidirectional_mixer():
 
 
 def test_error_inputs():
-    m = layers.create_mixer("linear", 32, 2)
-    with pytest.raises(ValueError, match=r"x_t must have shape \[batch, 1, 32\]"):
-        m.step(torch.randn(2, 3, 32), m.init_state(2))
-    with pytest.raises(ValueError, match=r"shape \[batch, seq_len, 32\]"):
-        m(torch.randn(2, 5, 31))
-    with pytest.raises(ValueError, match="mask must be a bool tensor"):
-        m(torch.randn(2, 5, 32), mask=torch.ones(2, 5))
+    check_input_errors(layers.create_mixer("linear", 32, 2))
 
 
 def test_repr_and_registry():

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 import layers
 import layers.performer  # noqa: F401  (registers "performer" until layers/__init__.py imports it)
 from layers.performer import Performer, naive_performer_attention, orthogonal_gaussian_features
-from mixer_checks import (assert_close, check_bf16_chunked_vs_naive, check_bidirectional_cannot_decode,
-                          check_compile_fullgraph, check_fully_padded_rows, check_mixer_matches_reference_grads,
-                          check_padded_equals_alone, check_prefill_gradient, check_prefill_then_steps, init_params,
-                          linear, padding_mask, per_sequence, shape_ids)
+from mixer_checks import (assert_close, check_backward_with_left_padding, check_bf16_mixer_vs_naive,
+                          check_bidirectional_cannot_decode, check_compile_fullgraph, check_fully_padded_rows,
+                          check_input_errors, check_padding_equals_alone_and_reference, check_prefill_gradient,
+                          check_prefill_then_steps, check_state_dtype_option, init_params, linear, padding_mask,
+                          per_sequence, shape_ids, state_checker)
 
 
 def reference_module(m: Performer, x, mask=None, dtype=torch.float32):
@@ -141,30 +142,16 @@ def test_large_inputs_stay_finite_and_exact(causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_backward_matches_reference(causal):
     """Gradients of x and of every weight agree with the reference's (padding mask on)."""
-    B, T, D, H = 3, 37, 32, 2
-    m = make_mixer(D, H, causal=causal, qkv_bias=True, proj_bias=True)
-    mask = padding_mask([37, 20, 5], T, "left")
-    x0, dy = torch.randn(B, T, D), torch.randn(B, T, D)
-    assert len(check_mixer_matches_reference_grads(m, reference_module, x0, dy, mask)) == 5
+    m = make_mixer(32, 2, causal=causal, qkv_bias=True, proj_bias=True)
+    check_backward_with_left_padding(m, reference_module, 5)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_padding_mask_equals_running_alone(side, causal):
-    B, T, D, H = 4, 21, 32, 2
-    lengths = [21, 9, 1, 14]
-    m = make_mixer(D, H, causal=causal, qkv_bias=True)
-    mask = padding_mask(lengths, T, side)
-    x = torch.randn(B, T, D)
-    y = check_padded_equals_alone(m, x, mask)
-    assert_close(y, reference_module(m, x, mask))
-    if causal:  # final states of a masked prefill are each sequence's own
-        _, state = m.prefill(x, m.init_state(B), mask)
-        for b in range(B):
-            _, alone = m.prefill(x[b : b + 1, mask[b]], m.init_state(1))
-            for key in ("S", "z", "c"):
-                assert_close(state[key][b], alone[key][0], msg=key)
-            assert state["pos"][b] == lengths[b]
+    m = make_mixer(32, 2, causal=causal, qkv_bias=True)
+    # if causal: the final states of a masked prefill are each sequence's own
+    check_padding_equals_alone_and_reference(m, reference_module, side, ("S", "z", "c") if causal else None)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -181,13 +168,7 @@ def test_prefill_then_steps_matches_forward(prompt):
     B, T, D, H = 2, 30, 32, 2
     m = make_mixer(D, H)
     x = torch.randn(B, T, D)
-
-    def check_states(state, s2):
-        assert set(state) == set(s2) == {"S", "z", "c", "pos"}
-        for key in state:
-            assert_close(state[key].float(), s2[key].float(), msg=key)
-
-    state = check_prefill_then_steps(m, x, prompt, check_states=check_states)
+    state = check_prefill_then_steps(m, x, prompt, check_states=state_checker({"S", "z", "c", "pos"}))
     assert state["pos"].tolist() == [T] * B
 
 
@@ -210,12 +191,7 @@ def test_state_size(D, H, num_features):
 
 def test_state_dtype_option():
     m = make_mixer(32, 2, state_dtype=torch.float64)
-    x = torch.randn(2, 9, 32)
-    s = m.init_state(2)
-    assert s["S"].dtype == s["z"].dtype == s["c"].dtype == torch.float64
-    y, s = m.prefill(x, s)
-    assert s["S"].dtype == torch.float64 and y.dtype == torch.float32
-    assert_close(y, m(x))
+    check_state_dtype_option(m, ("S", "z", "c"))
 
 
 # --- random features: redraw, seed, state dict -----------------------------------------------------
@@ -276,12 +252,7 @@ def test_compile_fullgraph(causal):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_bf16_error_ratio(causal):
-    B, T, D, H = 2, 70, 64, 2
-    m = make_mixer(D, H, dtype=torch.bfloat16, causal=causal, qkv_bias=True)
-    x = torch.randn(B, T, D, dtype=torch.bfloat16)
-    dy = torch.randn(B, T, D)
-    ref_m = make_mixer(D, H, causal=causal, qkv_bias=True)
-    check_bf16_chunked_vs_naive(m, ref_m, reference_module, x, dy, "qkv.weight")
+    check_bf16_mixer_vs_naive(make_mixer, reference_module, "qkv.weight", causal=causal, qkv_bias=True)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -307,13 +278,7 @@ def test_error_decoding_a_bidirectional_mixer():
 
 
 def test_error_inputs():
-    m = layers.create_mixer("performer", 32, 2)
-    with pytest.raises(ValueError, match=r"x_t must have shape \[batch, 1, 32\]"):
-        m.step(torch.randn(2, 3, 32), m.init_state(2))
-    with pytest.raises(ValueError, match=r"shape \[batch, seq_len, 32\]"):
-        m(torch.randn(2, 5, 31))
-    with pytest.raises(ValueError, match="mask must be a bool tensor"):
-        m(torch.randn(2, 5, 32), mask=torch.ones(2, 5))
+    check_input_errors(layers.create_mixer("performer", 32, 2))
 
 
 def test_repr_and_registry():
