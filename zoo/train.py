@@ -89,17 +89,15 @@ class SampleStream:
 
     def __iter__(self) -> Iterator[list[int]]:
         position = self.consumed
-        epoch, perm = -1, None
         global_batch = self.batch_size * self.world
+        epoch = position // self.num_items
+        stream = self._permutation(epoch)[position % self.num_items :]  # the rest of the current epoch
         while True:
-            indices = []
-            for p in range(position, position + global_batch):
-                if p // self.num_items != epoch:
-                    epoch = p // self.num_items
-                    perm = self._permutation(epoch)
-                indices.append(int(perm[p % self.num_items]))
-            position += global_batch
-            yield indices[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            while len(stream) < global_batch:  # a batch may span epochs
+                epoch += 1
+                stream = torch.cat([stream, self._permutation(epoch)])
+            batch, stream = stream[:global_batch], stream[global_batch:]
+            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, consumed: int, num_workers: int) -> DataLoader:
@@ -301,7 +299,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not (cfg.progress and is_main))
     model.train()
     last_eval: dict[str, Any] = {}
-    tick = time.perf_counter()
+    tick, last_logged = time.perf_counter(), start_step
     for step in progress:
         done = step + 1
         log_now = done % cfg.log_every == 0 or done == cfg.steps
@@ -319,8 +317,9 @@ def train(run: RunConfig) -> dict[str, Any]:
         scheduler.step()
         if log_now:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            steps_since, last_logged = done - last_logged, done
             record = {"step": done, "split": "train", "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "samples_per_s": samples_per_step * cfg.log_every / max(elapsed, 1e-9)}
+                      "samples_per_s": samples_per_step * steps_since / max(elapsed, 1e-9)}
             record.update({k: float(v) for k, v in metrics.items() if k != "count"})
             log.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}")

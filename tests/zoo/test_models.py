@@ -618,3 +618,8 @@ def test_every_tiny_vit_variant_runs(name):
     model = zoo.create_model(name)
     logits = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def test_an_lm_refuses_a_bidirectional_only_mixer():
+    with pytest.raises(ValueError, match="mixer 'nystromformer' is bidirectional only and cannot serve a lm model"):
+        zoo.create_model("lm-tiny", mixer="nystromformer")

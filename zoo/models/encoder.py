@@ -12,8 +12,7 @@ from pydantic import PositiveInt
 from torch import nn
 
 import layers
-from layers.registry import signature_kwargs
-from zoo.models.base import MixerStackConfig, ZooModel
+from zoo.models.base import MixerStackConfig, ZooModel, build_mixer
 from zoo.registry import register_family, register_size_table
 
 
@@ -32,13 +31,9 @@ class EncoderConfig(MixerStackConfig):
 class EncoderBlock(nn.Module):
     def __init__(self, config: EncoderConfig, mixer_name: str, mixer_kwargs: dict[str, Any]):
         super().__init__()
-        mixer_cls = layers.get_mixer_class(mixer_name)
-        if not mixer_cls.supports_bidirectional:
-            raise ValueError(f"mixer {mixer_name!r} is causal only and cannot serve an encoder (needs supports_bidirectional)")
-        if "max_seq_len" in (signature_kwargs(mixer_cls.__init__) or []):
-            mixer_kwargs = {"max_seq_len": config.max_seq_len, **mixer_kwargs}  # fixed-length mixers (linformer)
         self.norm1 = nn.LayerNorm(config.dim)
-        self.mixer = layers.create_mixer(mixer_name, config.dim, config.num_heads, causal=False, **mixer_kwargs)
+        self.mixer = build_mixer("encoder", mixer_name, mixer_kwargs, config.dim, config.num_heads, causal=False,
+                                 defaults={"max_seq_len": config.max_seq_len})
         self.norm2 = nn.LayerNorm(config.dim)
         self.mlp = layers.gelu_mlp(config.dim, int(config.dim * config.mlp_ratio))
         self.dropout = nn.Dropout(config.dropout)

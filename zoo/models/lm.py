@@ -14,8 +14,7 @@ from pydantic import PositiveInt, field_validator
 from torch import nn
 
 import layers
-from layers.registry import signature_kwargs
-from zoo.models.base import MixerStackConfig, ZooModel
+from zoo.models.base import MixerStackConfig, ZooModel, build_mixer
 from zoo.registry import register_family, register_size_table
 
 class LMConfig(MixerStackConfig):
@@ -48,10 +47,9 @@ class LMConfig(MixerStackConfig):
 class LMBlock(nn.Module):
     def __init__(self, config: LMConfig, mixer_name: str, mixer_kwargs: dict[str, Any]):
         super().__init__()
-        if "max_seq_len" in (signature_kwargs(layers.get_mixer_class(mixer_name).__init__) or []):
-            mixer_kwargs = {"max_seq_len": config.max_seq_len, **mixer_kwargs}  # fixed-length mixers (cosformer)
         self.norm1 = layers.create_norm(config.norm, config.dim)
-        self.mixer = layers.create_mixer(mixer_name, config.dim, config.num_heads, causal=True, **mixer_kwargs)
+        self.mixer = build_mixer("lm", mixer_name, mixer_kwargs, config.dim, config.num_heads, causal=True,
+                                 defaults={"max_seq_len": config.max_seq_len})  # fixed-length mixers (cosformer)
         self.norm2 = layers.create_norm(config.norm, config.dim)
         self.mlp = layers.create_mlp(config.mlp, config.dim, config.hidden_dim())
         self.dropout = nn.Dropout(config.dropout)

@@ -9,8 +9,7 @@ from pydantic import PositiveInt, model_validator
 from torch import nn
 
 import layers
-from layers.registry import signature_kwargs
-from zoo.models.base import MixerStackConfig, ZooModel
+from zoo.models.base import MixerStackConfig, ZooModel, build_mixer
 from zoo.registry import register_family, register_size_table
 
 
@@ -39,16 +38,11 @@ class ViTConfig(MixerStackConfig):
 class ViTBlock(nn.Module):
     def __init__(self, config: ViTConfig, mixer_name: str, mixer_kwargs: dict[str, Any], drop_path: float):
         super().__init__()
-        mixer_cls = layers.get_mixer_class(mixer_name)
-        if not mixer_cls.supports_bidirectional:
-            raise ValueError(f"mixer {mixer_name!r} is causal only and cannot serve a ViT (needs supports_bidirectional)")
-        accepted = signature_kwargs(mixer_cls.__init__) or []
-        # timm's biased projections, and the token count for mixers with a fixed length (linformer), where taken
+        # timm's biased projections, and the token count for fixed-length mixers (linformer)
         num_tokens = (config.img_size // config.patch_size) ** 2 + 1
         defaults = {"qkv_bias": config.qkv_bias, "proj_bias": True, "max_seq_len": num_tokens}
-        mixer_kwargs = {**{k: v for k, v in defaults.items() if k in accepted}, **mixer_kwargs}
         self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.mixer = layers.create_mixer(mixer_name, config.dim, config.num_heads, causal=False, **mixer_kwargs)
+        self.mixer = build_mixer("vit", mixer_name, mixer_kwargs, config.dim, config.num_heads, causal=False, defaults=defaults)
         self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.mlp = layers.gelu_mlp(config.dim, int(config.dim * config.mlp_ratio), bias=True)
         self.drop_path = layers.DropPath(drop_path) if drop_path > 0 else nn.Identity()
