@@ -84,31 +84,17 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
     return ATTENTION_BACKENDS[backend]
 
 
-@register_mixer("attention")
-class Attention(Mixer):
-    """Multi-head softmax attention with optional rotary embeddings.
+class SoftmaxProjections(Mixer):
+    """The qkv and output projections, with optional rotary embeddings, of every softmax-attention mixer
+    (``attention``, ``sliding_window``, ``block_sparse``), so their state dicts load into each other.
 
     ``rope=None`` means: rotary embeddings when causal (LMs), none when bidirectional (ViTs carry
-    learned position embeddings). Bias flags default to the LLaMA layout; ViTs pass the timm one.
+    learned position embeddings).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        causal: bool = True,
-        backend: str = "auto",
-        qkv_bias: bool = False,
-        proj_bias: bool = False,
-        rope: bool | None = None,
-        rope_base: float = 10000.0,
-    ):
+    def __init__(self, dim: int, num_heads: int, causal: bool, qkv_bias: bool, proj_bias: bool, rope: bool | None,
+                 rope_base: float):
         super().__init__(dim, num_heads, causal)
-        if backend not in ("auto", *ATTENTION_BACKENDS):
-            raise ValueError(f"backend must be one of auto, {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
-        if backend == "xformers" and not xformers_available():
-            raise ValueError("backend='xformers' was requested but xformers is not installed (pip install 'effzoo[xformers]')")
-        self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.rope = causal if rope is None else rope
@@ -125,6 +111,32 @@ class Attention(Mixer):
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, Dh = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+@register_mixer("attention")
+class Attention(SoftmaxProjections):
+    """Multi-head softmax attention with optional rotary embeddings (see ``SoftmaxProjections``).
+
+    Bias flags default to the LLaMA layout; ViTs pass the timm one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        causal: bool = True,
+        backend: str = "auto",
+        qkv_bias: bool = False,
+        proj_bias: bool = False,
+        rope: bool | None = None,
+        rope_base: float = 10000.0,
+    ):
+        super().__init__(dim, num_heads, causal, qkv_bias, proj_bias, rope, rope_base)
+        if backend not in ("auto", *ATTENTION_BACKENDS):
+            raise ValueError(f"backend must be one of auto, {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
+        if backend == "xformers" and not xformers_available():
+            raise ValueError("backend='xformers' was requested but xformers is not installed (pip install 'effzoo[xformers]')")
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, mask)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layers.linear_attention import chunk_gla, check_chunk_size, check_state_dtype, positions_from_mask
+from layers.linear_attention import chunk_gla, check_chunk_size, check_state_dtype, finish_mix, positions_from_mask
 from layers.mixer import Mixer, State
 
 
@@ -76,12 +76,7 @@ class KernelAttentionMixer(Mixer):
             o = fq.to(sd) @ kv
             new_state = {}
         o = o[..., :Dh] / (o[..., Dh:] + self.eps)
-        y = self.proj(o.to(x.dtype).transpose(1, 2).reshape(B, T, H * Dh))
-        if mask is not None:
-            y = y * mask[..., None].to(y.dtype)
-        if state is not None:
-            new_state["pos"] = state["pos"] + (T if mask is None else mask.sum(dim=1))
-        return y, new_state
+        return finish_mix(self.proj(o.to(x.dtype).transpose(1, 2).reshape(B, T, H * Dh)), mask, state, new_state, T)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, mask)

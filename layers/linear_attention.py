@@ -279,6 +279,15 @@ def positions_from_mask(mask: torch.Tensor | None, T: int, device, start: torch.
     return pos if start is None else start[:, None] + pos
 
 
+def finish_mix(y: torch.Tensor, mask: torch.Tensor | None, state: State | None, new_state: State, T: int):
+    """Zero the outputs at padded positions and advance the decoding position by the real tokens seen."""
+    if mask is not None:
+        y = y * mask[..., None].to(y.dtype)
+    if state is not None:
+        new_state["pos"] = state["pos"] + (T if mask is None else mask.sum(dim=1))
+    return y, new_state
+
+
 class GatedLinearMixer(Mixer):
     """Shared body of the causal mixers of this family (``linear``, ``retnet``, ``gla``).
 
@@ -359,12 +368,7 @@ class GatedLinearMixer(Mixer):
                 g = log_g.view(1, 1, -1, 1) if log_g.dim() == 1 else log_g
                 log_g = torch.where(m, g, torch.zeros((), dtype=g.dtype, device=g.device))
         o, new_state = self._core(q, k, v, log_g, state, decoding)
-        y = self._output(o, x)
-        if mask is not None:
-            y = y * mask[..., None].to(y.dtype)
-        if state is not None:
-            new_state["pos"] = state["pos"] + (T if mask is None else mask.sum(dim=1))
-        return y, new_state
+        return finish_mix(self._output(o, x), mask, state, new_state, T)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, mask)

@@ -23,11 +23,9 @@ import math
 from typing import Callable
 
 import torch
-from torch import nn
 
-from layers.attention import naive_attention, sdpa_attention
-from layers.mixer import Mixer, State
-from layers.rotary import RotaryEmbedding
+from layers.attention import SoftmaxProjections, naive_attention, sdpa_attention
+from layers.mixer import State
 
 SPARSE_BACKENDS = ("auto", "flex", "sdpa", "math")
 
@@ -258,7 +256,7 @@ def dense_attention(backend: str, q, k, v, allowed: torch.Tensor | None, causal:
 # --- the shared mixer body ------------------------------------------------------------------------------
 
 
-class SparseSoftmaxAttention(Mixer):
+class SparseSoftmaxAttention(SoftmaxProjections):
     """Softmax attention restricted by an elementwise position pattern (subclasses give ``pattern``).
 
     Parameters mirror the ``attention`` mixer (``qkv``, ``proj``, rotary embeddings), so the state
@@ -279,12 +277,8 @@ class SparseSoftmaxAttention(Mixer):
         rope: bool | None = None,
         rope_base: float = 10000.0,
     ):
-        super().__init__(dim, num_heads, causal)
+        super().__init__(dim, num_heads, causal, qkv_bias, proj_bias, rope, rope_base)
         self.backend = check_backend(backend)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.rope = causal if rope is None else rope
-        self.rotary = RotaryEmbedding(self.head_dim, base=rope_base) if self.rope else None
         self._mask_cache: dict = {}
 
     # subclasses: the pattern and the per-call arguments it needs
@@ -297,18 +291,6 @@ class SparseSoftmaxAttention(Mixer):
     def is_full(self, T: int) -> bool:
         """True when the pattern allows every (causal) pair for length T: then this is plain attention."""
         return False
-
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(dim=2)
-        if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(positions)
-            q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
-
-    def _merge(self, y: torch.Tensor) -> torch.Tensor:
-        B, H, T, Dh = y.shape
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * Dh))
 
     def allowed_mask(self, T: int, mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
         """The dense bool mask this mixer applies: [1, 1, T, T], or [B, 1, T, T] with a padding mask."""
