@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from layers.mixer import Mixer, State, register_mixer
 from layers.rotary import RotaryEmbedding
@@ -42,6 +43,10 @@ def sdpa_attention(q, k, v, allowed: torch.Tensor | None = None, causal: bool = 
         allowed = causal_mask if allowed is None else allowed & causal_mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
+
+# Decoding calls SDPA with a new key length at every step. cuDNN's attention builds an execution
+# plan per shape, which costs milliseconds per call there, so decoding leaves it out.
+DECODING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 XFORMERS_AVAILABLE = importlib.util.find_spec("xformers") is not None
 
@@ -180,7 +185,8 @@ class Attention(SoftmaxProjections):
         state["v"][:, :, start:end] = v.to(state["v"].dtype)
         state["pos"] = end
         keys, values = state["k"][:, :, :end].to(q.dtype), state["v"][:, :, :end].to(q.dtype)
-        y = resolve_backend(self.backend, x.device)(q, keys, values, causal=T > 1)
+        with sdpa_kernel(DECODING_SDPA_BACKENDS):
+            y = resolve_backend(self.backend, x.device)(q, keys, values, causal=T > 1)
         return self._merge(y), state
 
     def step(self, x_t: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -27,8 +27,8 @@ from the state S0, with G_r the cumulative log decay inside the chunk (0 without
     O = (exp(G) * Q) S0 + tril(Q K^T * exp(G_r - G_j)) U_new     # (Q already scaled)
     S = exp(G_C) S0 + (exp(G_C - G) * K)^T U_new
 
-Everything but the last three lines is batched over all chunks at once; a Python loop over
-chunks carries the state. Decays are only ever exponentiated as differences ``G_r - G_j <= 0``
+Everything is batched over all chunks at once: the states entering the chunks follow an affine
+recursion over chunks, solved by a parallel prefix scan (:func:`affine_scan`). Decays are only ever exponentiated as differences ``G_r - G_j <= 0``
 (masked to -inf above the diagonal before ``exp``), so strong decays cannot overflow.
 """
 from __future__ import annotations
@@ -144,25 +144,39 @@ def chunk_gated_delta_core(q, k, v, beta, g=None, initial_state=None, scale=None
     p = qk.masked_fill(~incl, 0.0)                                        # intra-chunk "attention"
     if g is not None:
         k = k * k_tail[..., None]
-    # Two matmuls per chunk, each with a stacked left operand: [Q; W] S and [P; K^T] U_new. Besides
-    # halving the launches, the backward then forms dS = Q^T dO - W^T dU and dU = P^T dO + K dS'
-    # inside one matmul each (accumulated in fp32, rounded once), not as sums of separately
-    # rounded bf16 terms, which cancel when beta ~ 1.
-    qw = torch.cat([q, w], dim=-2)                                        # [B, H, N, 2C, Dk]
-    pk = torch.cat([p, k.transpose(-1, -2)], dim=-2)                      # [B, H, N, C + Dk, C]
+    # The state entering each chunk follows the affine recursion S_{n+1} = M_n S_n + K_n^T U_n with
+    # M_n = exp(G_C) I - K_n^T W_n (K decayed to the chunk's end): solved for every chunk at once.
+    kT = k.transpose(-1, -2)
+    eye_k = torch.eye(Dk, dtype=ct, device=q.device)
+    M = (eye_k if g is None else chunk_decay.to(ct)[..., None, None] * eye_k) - mm(kT, w)
+    states, S = affine_scan(M, mm(kT, u), S, mm)
+    qw = torch.cat([q, w], dim=-2)                                        # [B, H, N, 2C, Dk]: [Q; W] S in one matmul
+    o_inter, ws = mm(qw, states).split([C, C], dim=-2)
+    if g is not None:
+        o_inter = o_inter * gamma[..., None]  # (exp(G) Q) S0, scaled after the matmul: exact decay grads
+    o = (o_inter + mm(p, u - ws)).reshape(B, H, N * C, Dv)[:, :, :T].to(dt)
+    return o, S.to(state_dtype)
 
-    outs = []
-    for n in range(N):
-        o_inter, ws = mm(qw[:, :, n], S).split([C, C], dim=-2)            # Q S0 and W S0
-        u_n = u[:, :, n] - ws                                             # new values of the chunk
-        if g is not None:
-            o_inter = o_inter * gamma[:, :, n, :, None]   # (exp(G) Q) S0, scaled after the matmul: exact decay grads
-        o_intra, update = mm(pk[:, :, n], u_n).split([C, Dk], dim=-2)
-        outs.append(o_inter + o_intra)
-        update = update.to(state_dtype)
-        S = S * chunk_decay[:, :, n, None, None] + update if g is not None else S + update
-    o = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T].to(dt)
-    return o, S
+
+def affine_scan(M: torch.Tensor, X: torch.Tensor, S0: torch.Tensor, mm) -> tuple[torch.Tensor, torch.Tensor]:
+    """All states of S_{n+1} = M_n S_n + X_n from S_0 = S0, in parallel over n (Hillis-Steele):
+    returns ([S_0, ..., S_{N-1}], S_N). M [B, H, N, Dk, Dk]; X [B, H, N, Dk, Dv]; S0 [B, H, Dk, Dv].
+
+    After the level of offset d, entry n holds the composition of its last 2d steps: the map
+    (A_n, Y_n) with S_{n+1} = A_n S_{n+1-2d} + Y_n. Composing with the entry d before costs one
+    matmul ``A_n [A_{n-d} | Y_{n-d}]``; ceil(log2 N) levels replace a loop of N small steps (which
+    left a GPU idle between kernel launches). ``mm`` is the matmul (operands in the input dtype).
+    """
+    N, Dk = M.shape[2], M.shape[-1]
+    AY, d = torch.cat([M, X], dim=-1), 1
+    while d < N:
+        composed = mm(AY[:, :, d:, :, :Dk], AY[:, :, :-d])
+        AY = torch.cat([AY[:, :, :d], composed + F.pad(AY[:, :, d:, :, Dk:], (Dk, 0))], dim=2)
+        d *= 2
+    A, Y = AY.split([Dk, AY.shape[-1] - Dk], dim=-1)
+    incl = Y + mm(A, S0[:, :, None].expand(-1, -1, N, -1, -1))  # S_1 .. S_N
+    states = torch.cat([S0[:, :, None].to(incl.dtype), incl[:, :, :-1]], dim=2)
+    return states, incl[:, :, -1]
 
 
 def chunk_delta_rule(q, k, v, beta, initial_state=None, scale=None, chunk_size=64, state_dtype=torch.float32):

@@ -25,8 +25,8 @@ Training"). With chunks of C tokens, ``b`` the inclusive cumulative sum of ``g``
     O = (Q * exp(b)) S0 + intra(Q, K, V, b)             intra_ij = q_i (exp(b_i - b_j) * k_j), j <= i
     S = diag(exp(b_C)) S0 + (K * exp(b_C - b))^T V
 
-Everything except the state recursion is batched over all chunks at once (a Python loop over the
-chunks carries the state). Decays are only ever exponentiated as differences ``<= 0``, so strong
+Everything is batched over all chunks at once; the states entering the chunks come from a
+parallel prefix scan over chunks (:func:`chunk_states`). Decays are only ever exponentiated as differences ``<= 0``, so strong
 decays cannot overflow: for a scalar gate the ``[C, C]`` decay matrix is built directly (masked
 to -inf above the diagonal before ``exp``); for a per-dimension gate the causal intra-chunk term
 is split by bisection: at each level, the right half of every block attends to its left half
@@ -182,7 +182,7 @@ def chunk_gla(q, k, v, log_g=None, initial_state=None, scale=None, state_dtype=t
     tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if g is None:
         o_intra = (q @ k.transpose(-1, -2)).masked_fill(~tril, 0) @ v
-        q_dec, k_dec, chunk_decay = q, k, None
+        q_dec, k_dec, chunk_log_decay = q, k, None
     else:
         b = chunks(g.to(state_dtype)).cumsum(dim=-2)  # [B', H', N, C, Dg]
         b_last = b[..., -1:, :]
@@ -193,18 +193,44 @@ def chunk_gla(q, k, v, log_g=None, initial_state=None, scale=None, state_dtype=t
             o_intra = _intra_vector(q, k, v, b)
         q_dec = (q * b.exp()).to(dtype)
         k_dec = (k * (b_last - b).exp()).to(dtype)
-        chunk_decay = b_last.exp().transpose(-1, -2)  # [B', H', N, Dg, 1]: scales the rows of S
+        chunk_log_decay = b_last.transpose(-1, -2)  # [B', H', N, Dg, 1]: scales the rows of S
 
-    # the state entering each chunk
-    kv = (k_dec.transpose(-1, -2) @ v).to(state_dtype)  # [B, H, N, Dk, Dv]
-    S = q.new_zeros(B, H, Dk, Dv, dtype=state_dtype) if initial_state is None else initial_state.to(state_dtype)
-    states = []
-    for n in range(N):
-        states.append(S)
-        S = (S if chunk_decay is None else chunk_decay[:, :, n] * S) + kv[:, :, n]
-    o_inter = q_dec @ torch.stack(states, dim=2).to(dtype)
+    kv = (k_dec.transpose(-1, -2) @ v).to(state_dtype)  # [B, H, N, Dk, Dv]: each chunk's own contribution
+    S0 = None if initial_state is None else initial_state.to(state_dtype)
+    states, S = chunk_states(kv, chunk_log_decay, S0)
+    o_inter = q_dec @ states.to(dtype)
     o = (o_inter.to(state_dtype) + o_intra.to(state_dtype)).to(dtype)
     return o.reshape(B, H, N * C, Dv)[:, :, :T], S
+
+
+def chunk_states(kv: torch.Tensor, log_decay: torch.Tensor | None, S0: torch.Tensor | None):
+    """The states entering every chunk, in parallel over chunks:
+
+        S_n = exp(a_n) S_{n-1} + kv_n  (S_{-1} = S0),   returns ([S_{-1}, S_0, ..., S_{N-2}], S_{N-1})
+
+    kv [B, H, N, Dk, Dv]; log_decay None or [B', H', N, Dk|1, 1] (a_n, each chunk's total log decay
+    per key dimension). Without decays this is a cumulative sum. With decays, a Hillis-Steele scan:
+    after the level of offset d every entry holds the sum over its last 2d chunks, each term scaled
+    by exp(L_n - L_m) <= 1 (L the cumulative log decay over chunks), so ceil(log2 N) elementwise
+    passes replace a loop of N small steps (which left the GPU idle between kernel launches).
+    """
+    N = kv.shape[2]
+    if log_decay is None:
+        incl = kv.cumsum(dim=2)
+        if S0 is not None:
+            incl = incl + S0[:, :, None]
+    else:
+        L = log_decay.cumsum(dim=2)
+        incl, d = kv, 1
+        while d < N:
+            carried = (L[:, :, d:] - L[:, :, :-d]).exp() * incl[:, :, :-d]
+            incl = torch.cat([incl[:, :, :d], incl[:, :, d:] + carried], dim=2)
+            d *= 2
+        if S0 is not None:
+            incl = incl + L.exp() * S0[:, :, None]
+    first = incl.new_zeros(incl[:, :, :1].shape) if S0 is None else S0[:, :, None].expand_as(incl[:, :, :1])
+    states = torch.cat([first, incl[:, :, :-1]], dim=2)
+    return states, incl[:, :, -1]
 
 
 # --- fla dispatch ----------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import layers.deltanet  # noqa: F401  (registers "deltanet")
 import layers.gated_deltanet  # noqa: F401  (registers "gated_deltanet")
 from layers.deltanet import (
     DeltaNet,
+    affine_scan,
     chunk_delta_rule,
     fla_available,
     l2norm,
@@ -704,3 +705,25 @@ def test_mixer_fla_matches_torch_on_cuda(name):
                 raise
             errs[kind] = max_err(xb.grad, xr.grad)
         assert errs["fla"] <= BF16_TOL and errs["fla"] <= 2 * errs["torch"] + BF16_RATIO_EPS, errs
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 8, 21])
+def test_affine_scan_matches_the_sequential_recursion(N):
+    """All states of S_{n+1} = M_n S_n + X_n from the parallel scan equal the loop's, values and grads (float64)."""
+    B, H, Dk, Dv = 2, 2, 3, 4
+    M = (0.5 * torch.randn(B, H, N, Dk, Dk, dtype=torch.float64)).requires_grad_()
+    X = torch.randn(B, H, N, Dk, Dv, dtype=torch.float64, requires_grad=True)
+    S0 = torch.randn(B, H, Dk, Dv, dtype=torch.float64, requires_grad=True)
+    states, final = affine_scan(M, X, S0, torch.matmul)
+    S, expected = S0, []
+    for n in range(N):
+        expected.append(S)
+        S = M[:, :, n] @ S + X[:, :, n]
+    expected = torch.stack(expected, dim=2)
+    assert_close(states, expected, tol=1e-12)
+    assert_close(final, S, tol=1e-12)
+    dy, df = torch.randn_like(states), torch.randn_like(final)
+    got = torch.autograd.grad((states * dy).sum() + (final * df).sum(), (M, X, S0))
+    want = torch.autograd.grad((expected * dy).sum() + (S * df).sum(), (M, X, S0))
+    for g, w in zip(got, want):
+        assert_close(g, w, tol=1e-12)

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layers
-from layers.linear_attention import (FEATURE_MAPS, LinearAttention, chunk_gla, fla_available, naive_linear_attention,
+from layers.linear_attention import (FEATURE_MAPS, LinearAttention, chunk_gla, chunk_states, fla_available, naive_linear_attention,
                                      naive_recurrent_gla, recurrent_step)
 from mixer_checks import (assert_close, check_backward_with_left_padding, check_bf16_mixer_vs_naive,
                           check_bidirectional_cannot_decode, check_compile_fullgraph, check_fla_matches_torch,
@@ -367,3 +367,30 @@ def test_repr_and_registry():
 def test_cuda_fla_matches_torch(normalize):
     """fla's chunk_linear_attn / fused_recurrent_linear_attn against the torch path (bf16)."""
     check_fla_matches_torch(make_mixer, "left", normalize=normalize)
+
+
+@pytest.mark.parametrize("decay", ["none", "per_head", "per_dim"])
+@pytest.mark.parametrize("N", [1, 2, 5, 37])
+@pytest.mark.parametrize("with_S0", [False, True], ids=["no_S0", "S0"])
+def test_chunk_states_scan_matches_the_sequential_recursion(N, decay, with_S0):
+    """The parallel prefix over chunks equals S_n = exp(a_n) S_{n-1} + kv_n run one chunk at a time, values and grads."""
+    B, H, Dk, Dv = 2, 3, 4, 5
+    kv = torch.randn(B, H, N, Dk, Dv, requires_grad=True)
+    shapes = {"none": None, "per_head": (1, H, N, 1, 1), "per_dim": (B, H, N, Dk, 1)}
+    a = None if shapes[decay] is None else (-3 * torch.rand(shapes[decay])).requires_grad_()
+    S0 = torch.randn(B, H, Dk, Dv, requires_grad=True) if with_S0 else None
+    states, final = chunk_states(kv, a, S0)
+    S, expected = (torch.zeros(B, H, Dk, Dv) if S0 is None else S0), []
+    for n in range(N):
+        expected.append(S)
+        S = (S if a is None else a[:, :, n].exp() * S) + kv[:, :, n]
+    expected = torch.stack(expected, dim=2)
+    assert_close(states, expected)
+    assert_close(final, S)
+    leaves = [t for t in (kv, a, S0) if t is not None]
+    dy, df = torch.randn_like(states), torch.randn_like(final)
+    grad = lambda loss: torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    got = grad((states * dy).sum() + (final * df).sum())
+    want = grad((expected * dy).sum() + (S * df).sum())
+    for g, w in zip(got, want):
+        assert_close(g, w)
