@@ -1,0 +1,244 @@
+"""Mamba-2 (Dao & Gu 2024, "Transformers are SSMs: Generalized Models and Efficient Algorithms
+Through Structured State Space Duality"), the mixer with mamba-ssm's parameter names, causal only.
+
+    z, xBC, dt = in_proj(h)          (z: d_inner, xBC: d_inner + 2 * ngroups * d_state, dt: nheads)
+    x, B, C = silu(conv1d(xBC))      (causal depthwise conv, kernel d_conv)
+    dt = softplus(dt + dt_bias),     A = -exp(A_log)                   (one scalar each per head)
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t^T B_t,   y_t = h_t C_t + D x_t    (per head: h [headdim, d_state])
+    out = out_proj(RMSNorm(y * silu(z)))      (the norm over groups of d_inner / ngroups channels)
+
+Heads have ``headdim`` channels (nheads = d_inner / headdim); the ``ngroups`` groups of B and C
+are shared by nheads / ngroups consecutive heads.
+
+SSD: with a scalar decay per head and token this is gated linear attention with q = C, k = B,
+v = dt x, log decay dt A and scale 1, so the chunked training path is
+:func:`layers.linear_attention.chunk_gla` (state [d_state, headdim] there, transposed to
+mamba-ssm's [headdim, d_state] here). Its matmuls run in the activations' dtype, dt, the decays
+and the state in float32 (float64 for float64 inputs). In float32 its gradient of the log decays
+(so of A and dt) carries the rounding of terms that cancel exactly (the exp(b_i - b_i) = 1
+diagonal): an absolute error of about 1e-7 times their size. References, in float32 (float64
+stays): :func:`ssd_quadratic_ref` (the explicit masked "attention" form with L = exp(segsum(dt A)))
+and :func:`ssd_recurrent_ref` (token by token).
+
+float32 parameters (``A_log``, ``D``, ``dt_bias``), ``_no_reinit`` on ``dt_bias`` and padding
+masks: as :mod:`layers.mamba`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layers.causal_conv import causal_conv1d
+from layers.linear_attention import check_chunk_size, chunk_gla, recurrent_step
+from layers.mamba import SelectiveSSMMixer, check_dt_range, check_positive_int, dt_bias_init, expanded_width
+from layers.mixer import State, register_mixer
+
+# Layout (mamba-ssm's): x [B, T, H, P]; dt [B, T, H] (after softplus); A [H]; B, C [B, T, G, N]; D [H];
+# state [B, H, P, N].
+
+
+def _per_head(t: torch.Tensor, nheads: int) -> torch.Tensor:
+    """[B, T, G, N] -> [B, T, H, N]: head h uses group h // (H / G)."""
+    return t.repeat_interleave(nheads // t.shape[2], dim=2)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (so the forms can be compared in float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _skip(y, x, D):
+    return y if D is None else y + x.to(y.dtype) * D.to(y.dtype)[:, None]
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """a [..., T] -> [..., T, T] with out[i, j] = a_{j+1} + ... + a_i for j <= i (0 on the diagonal)
+    and -inf above it: a masked cumulative sum, so no differences of large sums."""
+    T = a.shape[-1]
+    lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
+    terms = a[..., :, None].expand(*a.shape, T).masked_fill(~lower.tril(-1), 0)  # terms[k, j] = a_k for k > j
+    return terms.cumsum(dim=-2).masked_fill(~lower, float("-inf"))
+
+
+def ssd_quadratic_ref(x, dt, A, B, C, D=None, initial_state=None):
+    """The SSD "attention" form, in float32 (float64 stays):  Y = (C B^T * L) (dt X) + D X  with
+    L = exp(segsum(dt A)) per head, plus the initial state's contribution exp(cumsum(dt A)_i) C_i h0.
+    Returns ``(y [B, T, H, P] in x.dtype, final state [B, H, P, N] float32 (float64 stays))``."""
+    H, ct = x.shape[2], _compute_dtype(x)
+    Bh, Ch = _per_head(B, H).to(ct), _per_head(C, H).to(ct)
+    xdt = x.to(ct) * dt.to(ct)[..., None]
+    dtA = (dt.to(ct) * A.to(ct)).transpose(1, 2)  # [B, H, T]
+    L = segsum(dtA).exp()  # [B, H, T, T]
+    y = torch.einsum("bihn,bjhn,bhij,bjhp->bihp", Ch, Bh, L, xdt)
+    to_end = L[..., -1, :]  # exp(dtA_{j+1} + ... + dtA_{T-1}) [B, H, T]
+    h = torch.einsum("bhj,bjhn,bjhp->bhpn", to_end, Bh, xdt)
+    if initial_state is not None:
+        h0 = initial_state.to(ct)
+        from_start = dtA.cumsum(-1).exp()  # [B, H, T]
+        y = y + torch.einsum("bihn,bhpn,bhi->bihp", Ch, h0, from_start)
+        h = h + from_start[..., -1, None, None] * h0
+    return _skip(y, x, D).to(x.dtype), h
+
+
+def ssd_recurrent_ref(x, dt, A, B, C, D=None, initial_state=None):
+    """The SSM one token at a time, in float32 (float64 stays): h_t = exp(dt_t A) h_{t-1} + dt_t x_t^T B_t,
+    y_t = h_t C_t + D x_t. Same arguments and outputs as :func:`ssd_quadratic_ref`."""
+    batch, T, H, P = x.shape
+    ct = _compute_dtype(x)
+    Bh, Ch = _per_head(B, H).to(ct), _per_head(C, H).to(ct)
+    xdt = x.to(ct) * dt.to(ct)[..., None]
+    decay = torch.exp(dt.to(ct) * A.to(ct))  # [B, T, H]
+    h = x.new_zeros(batch, H, P, B.shape[-1], dtype=ct) if initial_state is None else initial_state.to(ct)
+    ys = []
+    for t in range(T):
+        h = decay[:, t, :, None, None] * h + xdt[:, t, :, :, None] * Bh[:, t, :, None, :]
+        ys.append((h * Ch[:, t, :, None, :]).sum(-1))
+    return _skip(torch.stack(ys, dim=1), x, D).to(x.dtype), h
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
+    """The chunked SSD via :func:`chunk_gla` (q = C, k = B, v = dt x, log decay dt A, scale 1).
+    Same arguments and outputs as :func:`ssd_quadratic_ref`; T need not be a multiple of
+    ``chunk_size`` (a power of two)."""
+    H, ct = x.shape[2], _compute_dtype(x)
+    tr = lambda t: t.transpose(1, 2)
+    q, k = tr(_per_head(C, H)).to(x.dtype), tr(_per_head(B, H)).to(x.dtype)
+    v = tr(x.to(ct) * dt.to(ct)[..., None]).to(x.dtype)
+    log_g = tr(dt.to(ct) * A.to(ct))[..., None]  # [B, H, T, 1]
+    S0 = None if initial_state is None else initial_state.transpose(-1, -2)
+    o, S = chunk_gla(q, k, v, log_g, S0, scale=1.0, state_dtype=ct, chunk_size=chunk_size)
+    return _skip(tr(o).to(ct), x, D).to(x.dtype), S.transpose(-1, -2)
+
+
+def ssd_step(x, dt, A, B, C, D=None, initial_state=None):
+    """One decoding step (T = 1) via :func:`recurrent_step`; same arguments and outputs as
+    :func:`ssd_chunked`, initial_state required."""
+    H, ct = x.shape[2], _compute_dtype(x)
+    q, k = _per_head(C, H)[:, 0].to(x.dtype), _per_head(B, H)[:, 0].to(x.dtype)
+    v = (x[:, 0].to(ct) * dt[:, 0].to(ct)[..., None]).to(x.dtype)
+    log_g = (dt[:, 0].to(ct) * A.to(ct))[..., None]  # [B, H, 1]
+    o, S = recurrent_step(q, k, v, log_g, initial_state.transpose(-1, -2), scale=1.0, state_dtype=ct)
+    return _skip(o[:, None].to(ct), x, D).to(x.dtype), S.transpose(-1, -2)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) * weight over groups of ``group_size`` channels, in float32 (mamba-ssm's
+    ``RMSNormGated`` with norm_before_gate=False): the gate acts before the normalisation."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * self.weight.float()).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+
+
+@register_mixer("mamba2")
+class Mamba2(SelectiveSSMMixer):
+    """The Mamba-2 mixer (see the module docstring), causal only.
+
+    Options (mamba-ssm's defaults except ``chunk_size``): ``d_state`` 128, ``d_conv`` 4, ``expand`` 2,
+    ``headdim`` 64 (nheads = d_inner / headdim: the number of SSM heads comes from ``headdim``;
+    ``num_heads`` is only validated by the Mixer interface), ``ngroups`` 1 (must divide nheads),
+    ``A_init_range`` (1, 16) (A = -U(A_init_range) per head), ``dt_min`` 1e-3, ``dt_max`` 0.1,
+    ``dt_init_floor`` 1e-4, ``conv_bias`` True, ``bias`` False (in_proj and out_proj),
+    ``norm_eps`` 1e-5, ``chunk_size`` 64 (a power of two; mamba-ssm: 256).
+
+    Decoding state ``{"conv": [B, d_inner + 2 * ngroups * d_state, d_conv - 1] (the last conv inputs,
+    in ``dtype`` or the weights' dtype), "ssm": [B, nheads, headdim, d_state] float32, "pos": [B] int64}``.
+    """
+
+    fp32_params = ("A_log", "D", "dt_bias")
+
+    def __init__(self, dim: int, num_heads: int, causal: bool = True, d_state: int = 128, d_conv: int = 4,
+                 expand: float = 2, headdim: int = 64, ngroups: int = 1, A_init_range: tuple[float, float] = (1, 16),
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, conv_bias: bool = True,
+                 bias: bool = False, norm_eps: float = 1e-5, chunk_size: int = 64):
+        super().__init__(dim, num_heads, causal)
+        self.d_state = check_positive_int("d_state", d_state)
+        self.d_conv = check_positive_int("d_conv", d_conv)
+        self.d_inner = expanded_width(dim, expand)
+        self.headdim = check_positive_int("headdim", headdim)
+        if self.d_inner % headdim:
+            raise ValueError(f"headdim ({headdim}) must divide d_inner = expand * dim ({self.d_inner})")
+        self.nheads = self.d_inner // headdim
+        self.ngroups = check_positive_int("ngroups", ngroups)
+        if self.nheads % ngroups:
+            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads nheads = d_inner / headdim ({self.nheads})")
+        if not (len(A_init_range) == 2 and 0 < A_init_range[0] <= A_init_range[1]):
+            raise ValueError(f"A_init_range must be (low, high) with 0 < low <= high, got {A_init_range!r}")
+        check_dt_range(dt_min, dt_max, dt_init_floor)
+        self.A_init_range, self.dt_min, self.dt_max, self.dt_init_floor = tuple(A_init_range), dt_min, dt_max, dt_init_floor
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(dim, self.d_inner + self.conv_dim + self.nheads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.dt_bias._no_reinit = True
+        self.dt_bias._no_weight_decay = True
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.D._no_weight_decay = True
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // ngroups, eps=norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba-ssm's initialisation: PyTorch defaults for the projections and the conv,
+        softplus(dt_bias) log-uniform in [dt_min, dt_max], A_log = log U(A_init_range), D = 1,
+        norm weight 1."""
+        for layer in (self.in_proj, self.conv1d, self.out_proj):
+            layer.reset_parameters()
+        with torch.no_grad():
+            self.dt_bias.copy_(dt_bias_init(self.nheads, self.dt_min, self.dt_max, self.dt_init_floor))
+            self.A_log.copy_(torch.empty(self.nheads).uniform_(*self.A_init_range).log())
+            self.D.fill_(1.0)
+            self.norm.weight.fill_(1.0)
+
+    def _mix(self, x, mask, lengths, state, decoding):
+        batch, T, _ = x.shape
+        G, N = self.ngroups, self.d_state
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        xBC, conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                        None if state is None else state["conv"], lengths)
+        xs, B, C = F.silu(xBC).transpose(1, 2).split([self.d_inner, G * N, G * N], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
+        if mask is not None:
+            dt = dt * mask[..., None]  # padded steps neither decay nor write to the state
+        A = -torch.exp(self.A_log.float())
+        ssd = ssd_step if decoding else functools.partial(ssd_chunked, chunk_size=self.chunk_size)
+        y, h = ssd(xs.reshape(batch, T, self.nheads, self.headdim), dt, A, B.reshape(batch, T, G, N),
+                   C.reshape(batch, T, G, N), self.D, None if state is None else state["ssm"])
+        y = self.norm(y.reshape(batch, T, self.d_inner), z)
+        return self.out_proj(y), {"conv": conv_state, "ssm": h}
+
+    def init_state(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> State:
+        """``{"conv": zeros [B, conv_dim, d_conv - 1] (``dtype`` or the conv weight's), "ssm": zeros
+        [B, nheads, headdim, d_state] float32, "pos": zeros [B] int64}``; ``max_len`` is not needed."""
+        device = self.A_log.device if device is None else device
+        return {"conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device,
+                                    dtype=dtype or self.conv1d.weight.dtype),
+                "ssm": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                   dtype=torch.float32),
+                "pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+    def state_size(self, seq_len: int) -> int:
+        """conv_dim * (d_conv - 1) conv inputs plus nheads * headdim * d_state SSM state (constant in
+        seq_len; the position counter is not counted)."""
+        return self.conv_dim * (self.d_conv - 1) + self.nheads * self.headdim * self.d_state
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"headdim={self.headdim}, nheads={self.nheads}, ngroups={self.ngroups}, chunk_size={self.chunk_size}")
