@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,7 +43,7 @@ DECODE_TARGET = 5.0  # recurrent / attention decoding tokens/s at the longest co
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(device="cuda", dtype=torch.bfloat16, tokens=65536, heads=16, head_dim=64,
-                seq_lens=(1024, 2048, 4096, 8192, 16384), warmup=3, iters=10, decode_batch=8,
+                seq_lens=(1024, 4096, 16384), warmup=2, iters=5, decode_batch=8,
                 contexts=(1024, 4096, 16384), decode_steps=64, prefill_piece=1024,
                 decode_models=("lm-125m", "lm-125m-gla", "lm-125m-retnet", "lm-125m-deltanet")),
     "smoke": dict(device="cpu", dtype=torch.float32, tokens=256, heads=2, head_dim=16, seq_lens=(64, 128), warmup=1,
@@ -68,6 +68,7 @@ class KernelCase:
     extra: Callable[[int, int, int, int, torch.device], dict[str, torch.Tensor]]  # (B, T, H, D, device) -> gates
     fla_call: Callable[..., Any]
     ours_call: Callable[..., Any]  # (mixer, q, k, v, **extra) -> (o, state)
+    options: dict[str, Any] = field(default_factory=dict)  # mixer options that make ours the same op as fla's
 
 
 def _log_gates(B, T, H, D, device):
@@ -86,7 +87,7 @@ KERNELS = [
     KernelCase("linear", "fla.ops.linear_attn.chunk_linear_attn", lambda *a: {},
                lambda q, k, v: call_fla("fla.ops.linear_attn.chunk_linear_attn", q, k, v, scale=q.shape[-1] ** -0.5,
                                         output_final_state=True, normalize=False),
-               lambda m, q, k, v: m._core(q, k, v, None, None, False)),
+               lambda m, q, k, v: m._core(q, k, v, None, None, False), {"normalize": False}),
     KernelCase("retnet", "fla.ops.retention.chunk_retention", lambda *a: {},
                lambda q, k, v: call_fla("fla.ops.retention.chunk_retention", q, k, v, scale=q.shape[-1] ** -0.5,
                                         output_final_state=True),
@@ -127,7 +128,7 @@ def kernel_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
     use_fla = fla_available() and device.type == "cuda"
     rows = []
     for case in KERNELS:
-        mixers = {f"ours-{b}": layers.create_mixer(case.mixer, H * D, H, backend=b).to(device)
+        mixers = {f"ours-{b}": layers.create_mixer(case.mixer, H * D, H, backend=b, **case.options).to(device)
                   for b in (("torch", "fla") if use_fla else ("torch",))}
         for T in p["seq_lens"]:
             B = max(1, p["tokens"] // T)
@@ -191,8 +192,7 @@ def decode_row(name: str, context: int, p: dict[str, Any]) -> dict[str, Any]:
             logits, states = model.prefill(ids[:, start:start + p["prefill_piece"]], states)
         next_ids = logits[:, -1].argmax(-1, keepdim=True)
         del logits
-        row["state_mb"] = sum(t.numel() * t.element_size() for s in states for t in s.values()
-                              if isinstance(t, torch.Tensor)) / 2**20
+        row["state_mb"] = tensor_bytes(states) / 2**20
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -207,6 +207,14 @@ def decode_row(name: str, context: int, p: dict[str, Any]) -> dict[str, Any]:
     row["step_ms"] = elapsed / steps * 1e3
     row["tokens_per_s"] = B * steps / elapsed
     return row
+
+
+def tensor_bytes(tree: Any) -> int:
+    """Bytes of every tensor in a nest of dicts and lists (a model's decoding states)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return sum(tensor_bytes(t) for t in items)
 
 
 def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:

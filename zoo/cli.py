@@ -52,10 +52,21 @@ def cmd_bench(args) -> None:
     print(f"results written to {', '.join(str(p) for p in paths.values())}")
 
 
+def _comma_list(cast):
+    """An argparse type: a comma-separated list of ``cast`` values."""
+
+    def parse(text: str) -> list:
+        return [cast(v) for v in text.split(",") if v]
+
+    parse.__name__ = f"comma-separated {cast.__name__}"
+    return parse
+
+
 def cmd_reproduce(args) -> None:
     from zoo.reproduce import reproduce
 
-    result = reproduce(args.name, quick=args.quick, out_dir=args.out)
+    result = reproduce(args.name, quick=args.quick, out_dir=args.out, jobs=args.jobs, devices=args.devices,
+                       steps=args.steps, lrs=args.lrs, mixers=args.mixers, resume=args.resume)
     _print_json(result)
     if not result.get("passed", True):
         sys.exit(1)
@@ -104,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--quick", action="store_true", help="the CPU-sized version")
     p.add_argument("--out", default=None)
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (1: one by one in this one)")
+    p.add_argument("--devices", type=_comma_list(str), default=None,
+                   help="GPU ids (0,1,2,3) dealt to the parallel runs round-robin as CUDA_VISIBLE_DEVICES")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run, in place of the sweep's")
+    p.add_argument("--lrs", type=_comma_list(float), default=None, help="learning rates to sweep (1e-3,3e-3), in place of the sweep's")
+    p.add_argument("--mixers", type=_comma_list(str), default=None, help="only these mixers of the sweep (attention,gla)")
+    p.add_argument("--resume", action="store_true", help="keep --out and skip the runs its results.jsonl holds as finished")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

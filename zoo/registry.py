@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,11 +35,23 @@ def register_model(fn: Callable | None = None, *, name: str | None = None):
     return decorator(fn) if fn is not None else decorator
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A table variant that sets more than the mixer: config ``overrides``, or a function of the size's
+    defaults returning them (e.g. Mamba's layout doubles the depth of the size it is applied to)."""
+
+    overrides: dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]
+
+    def apply(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        extra = self.overrides(defaults) if callable(self.overrides) else self.overrides
+        return {**defaults, **extra}
+
+
 def register_size_table(prefix: str, sizes: dict[str, dict[str, Any]], variants: dict[str, Any],
                         build: Callable[..., nn.Module]) -> None:
-    """Register ``<prefix>-<size>`` and ``<prefix>-<size>-<variant>`` (the variant sets ``mixer``) as thin
-    entrypoints calling ``build(name, defaults, **overrides)``. A per-layer mixer list is registered only
-    for sizes whose depth it divides."""
+    """Register ``<prefix>-<size>`` and ``<prefix>-<size>-<variant>`` as thin entrypoints calling
+    ``build(name, defaults, **overrides)``. A variant is a mixer spec (it sets ``mixer``) or a
+    :class:`Variant`. A per-layer mixer list is registered only for sizes whose depth it divides."""
 
     def entrypoint(name: str, defaults: dict[str, Any]) -> Callable[..., nn.Module]:
         def create(**overrides) -> nn.Module:
@@ -49,11 +62,13 @@ def register_size_table(prefix: str, sizes: dict[str, dict[str, Any]], variants:
 
     for size, defaults in sizes.items():
         register_model(entrypoint(f"{prefix}-{size}", defaults), name=f"{prefix}-{size}")
-        for variant, mixer in variants.items():
-            if isinstance(mixer, list) and defaults["depth"] % len(mixer):
+        for variant, spec in variants.items():
+            config = spec.apply(defaults) if isinstance(spec, Variant) else {**defaults, "mixer": spec}
+            mixer = config.get("mixer")
+            if isinstance(mixer, list) and config["depth"] % len(mixer):
                 continue
             name = f"{prefix}-{size}-{variant}"
-            register_model(entrypoint(name, {**defaults, "mixer": mixer}), name=name)
+            register_model(entrypoint(name, config), name=name)
 
 
 def register_family(name: str):
@@ -139,6 +154,7 @@ def model_info(name: str) -> dict[str, Any]:
         "name": base,
         "family": model.family,
         "params": sum(p.numel() for p in model.parameters()),
+        "active_params": model.num_active_params(),
         "config": model.config.model_dump(),
         "allowed_mixers": model.allowed_mixers(),
         "layers": model.layer_summary(),

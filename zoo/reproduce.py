@@ -1,22 +1,41 @@
 """Reproductions: named, scripted runs whose result is checked against a published or stated target.
 
-A reproduction is a function ``(quick: bool, out_dir: Path) -> dict`` registered by name; the
-result dict carries ``passed`` and is written to ``out_dir/result.json`` and ``result.md``.
+A reproduction is a function ``(quick: bool, out_dir: Path, options: SweepOptions) -> dict`` registered
+by name; the result dict carries ``passed`` and is written to ``out_dir/result.json`` and ``result.md``.
+Sweeps are YAML files under ``configs/reproduce/`` whose grids expand into a plain list of runs
+(Zoology style); ``run_sweep`` executes them in this process or in parallel subprocesses, appending
+each finished run to ``out_dir/results.jsonl``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import queue
 import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from layers.mixer import MIXERS
 from layers.registry import Registry
 from zoo.checkpoint import write_json
 from zoo.config import load_config
 from zoo.train import train
 
 REPRODUCTIONS = Registry("reproduction")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SWEEPS = CONFIGS / "reproduce"
+RESULTS = "results.jsonl"
+STDERR_TAIL = 2000  # characters of a failed run's stderr kept in its record
 
 
 def register_reproduction(name: str) -> Callable:
@@ -30,13 +49,38 @@ def list_reproductions(pattern: str = "*") -> list[str]:
     return REPRODUCTIONS.names(pattern)
 
 
-def reproduce(name: str, quick: bool = False, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run reproduction ``name`` from scratch in ``out_dir`` (default ``runs/reproduce/<name>``)."""
+@dataclass
+class SweepOptions:
+    """How to run a sweep: parallelism, GPUs, resumption, and filters/overrides of the grid's axes."""
+
+    jobs: int = 1  # runs at once; 1 (without devices) runs them one after another in this process
+    devices: list[str] | None = None  # CUDA_VISIBLE_DEVICES values handed to subprocess slots round-robin
+    steps: int | None = None  # replaces the grid's steps
+    lrs: list[float] | None = None  # replaces the grid's learning rates
+    mixers: list[str] | None = None  # picks mixers from the sweep's table
+    resume: bool = False  # keep out_dir and skip runs recorded as finished in results.jsonl
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    @property
+    def in_process(self) -> bool:
+        return self.jobs == 1 and not self.devices
+
+
+def reproduce(name: str, quick: bool = False, out_dir: str | Path | None = None, jobs: int = 1,
+              devices: list[str] | None = None, steps: int | None = None, lrs: list[float] | None = None,
+              mixers: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run reproduction ``name`` in ``out_dir`` (default ``runs/reproduce/<name>``): from scratch, or with
+    ``resume`` keeping the runs already finished there."""
     fn = REPRODUCTIONS.get(name)
+    options = SweepOptions(jobs=jobs, devices=devices, steps=steps, lrs=lrs, mixers=mixers, resume=resume)
     out_dir = Path(out_dir or Path("runs") / "reproduce" / name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    result = {"reproduction": name, "quick": quick, **fn(quick=quick, out_dir=out_dir)}
+    result = {"reproduction": name, "quick": quick, **fn(quick=quick, out_dir=out_dir, options=options)}
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "result.json", result)
     (out_dir / "result.md").write_text(result_markdown(result))
     return result
@@ -47,158 +91,365 @@ def result_markdown(result: dict[str, Any]) -> str:
     return f"# {result['reproduction']}\n\n| key | value |\n| --- | --- |\n{rows}\n"
 
 
+# --- sweep files ----------------------------------------------------------------------------------
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sweep(Strict):
+    """Common to sweep files: the base run config (relative to ``configs/``), overrides for every run,
+    a ``mixers`` table and two grids, ``full`` and ``quick``, whose ``mixers`` (default: all) come from it."""
+
+    base: str
+    overrides: list[str] = []
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not (CONFIGS / self.base).is_file():
+            raise ValueError(f"base: no such config file {CONFIGS / self.base}")
+        for grid in ("full", "quick"):
+            unknown = sorted(set(getattr(self, grid).mixers or ()) - set(self.mixers))
+            if unknown:
+                raise ValueError(f"{grid}.mixers: {', '.join(unknown)} not in the mixers table ({', '.join(self.mixers)})")
+        return self
+
+    def grid(self, quick: bool, options: SweepOptions):
+        """The ``quick`` or ``full`` grid with the options' steps, lrs and mixers in place of its own."""
+        unknown = [m for m in options.mixers or () if m not in self.mixers]
+        if unknown:
+            raise ValueError(f"unknown mixer(s) {', '.join(unknown)} for this sweep; valid: {', '.join(self.mixers)}")
+        grid = self.quick if quick else self.full
+        update = {"steps": options.steps, "lrs": options.lrs, "mixers": options.mixers or grid.mixers or list(self.mixers)}
+        return grid.model_copy(update={k: v for k, v in update.items() if v is not None})
+
+    @property
+    def base_path(self) -> Path:
+        return CONFIGS / self.base
+
+
+class MqarGrid(Strict):
+    mixers: list[str] | None = None
+    lengths: list[tuple[PositiveInt, PositiveInt]]  # (seq_len, num_kv_pairs)
+    widths: list[PositiveInt]
+    lrs: list[PositiveFloat]
+    steps: PositiveInt
+    vocab_size: PositiveInt
+
+
+class MqarSweep(Sweep):
+    mixers: dict[str, dict[str, Any]]  # sweep name -> model.mixer spec
+    paper: dict[str, str] = {}
+    full: MqarGrid
+    quick: MqarGrid
+
+    @model_validator(mode="after")
+    def _known_names(self):
+        unregistered = sorted(k for k, spec in self.mixers.items() if spec.get("name") not in MIXERS)
+        if unregistered:
+            raise ValueError(f"mixers: {', '.join(unregistered)} need a 'name' among the registered mixers ({', '.join(MIXERS.names())})")
+        stray = sorted(set(self.paper) - set(self.mixers))
+        if stray:
+            raise ValueError(f"paper: {', '.join(stray)} not in the mixers table")
+        return self
+
+
+class LraColumn(Strict):
+    lra_model: str
+    lra_accuracy: float | None
+
+
+class ListopsGrid(Strict):
+    mixers: list[str] | None = None
+    model: str
+    min_length: PositiveInt
+    max_length: PositiveInt
+    train_examples: PositiveInt
+    test_examples: PositiveInt
+    steps: PositiveInt
+    batch_size: PositiveInt
+    lrs: list[PositiveFloat]
+
+
+class ListopsSweep(Sweep):
+    mixers: dict[str, LraColumn]  # registered mixer -> the LRA column it is compared with
+    full: ListopsGrid
+    quick: ListopsGrid
+
+    @model_validator(mode="after")
+    def _registered(self):
+        unregistered = sorted(set(self.mixers) - set(MIXERS.names()))
+        if unregistered:
+            raise ValueError(f"mixers: {', '.join(unregistered)} are not registered mixers ({', '.join(MIXERS.names())})")
+        return self
+
+
+def load_sweep(name: str, schema: type[Sweep]) -> Sweep:
+    """``configs/reproduce/<name>.yaml`` validated by ``schema``; errors name the offending keys."""
+    path = SWEEPS / f"{name}.yaml"
+    try:
+        return schema.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as e:
+        problems = ["{}: {}".format(".".join(str(p) for p in err["loc"]) or "sweep",
+                                    "unknown key" if err["type"] == "extra_forbidden" else err["msg"]) for err in e.errors()]
+        raise ValueError(f"invalid sweep {path}: " + "; ".join(problems)) from None
+
+
+# --- running a sweep ------------------------------------------------------------------------------
+
+
+class RunFailed(Exception):
+    def __init__(self, returncode: int | None, error: str):
+        super().__init__(error)
+        self.returncode, self.error = returncode, error
+
+
+@dataclass
+class Run:
+    """One run of a sweep: its description (its identity in results.jsonl), the base config and overrides
+    that make it, and optionally ``zoo eval`` overrides for a test evaluation of its final checkpoint."""
+
+    params: dict[str, Any]
+    base: Path
+    overrides: list[str]
+    test: list[str] | None = None
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha1(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.params.get('mixer', 'run')}-{digest}"
+
+
+def run_in_process(run: Run, run_dir: Path, device: str | None) -> dict[str, Any]:
+    """Train (and test) ``run`` here; ``device`` is unused (in-process runs see every GPU)."""
+    try:
+        metrics = {"metrics": train(load_config(run.base, [*run.overrides, f"out_dir={run_dir}"]))}
+        if run.test is not None:
+            from zoo.evaluate import evaluate_checkpoint
+
+            metrics["test"] = evaluate_checkpoint(run_dir, run.test)
+    except Exception as e:  # recorded with the run, the sweep goes on
+        raise RunFailed(None, f"{type(e).__name__}: {e}") from e
+    return metrics
+
+
+def zoo_command(run_dir: Path, device: str | None, subcommand: str, *args: str) -> Path:
+    """Run ``python -m zoo.cli SUBCOMMAND ARGS`` with stdout and stderr in ``run_dir``; returns the stdout file."""
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})}
+    stdout, stderr = run_dir / f"{subcommand}.out", run_dir / f"{subcommand}.err"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        code = subprocess.run([sys.executable, "-m", "zoo.cli", subcommand, *args], stdout=out, stderr=err, env=env,
+                              cwd=ROOT).returncode
+    if code != 0:
+        raise RunFailed(code, stderr.read_text()[-STDERR_TAIL:])
+    return stdout
+
+
+def final_metrics(run_dir: Path) -> dict[str, Any]:
+    """The last validation record of the run's metrics.jsonl (what ``train`` returns)."""
+    log = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.is_file() else []
+    val = [{k: v for k, v in r.items() if k != "split"} for r in records if r.get("split") == "val"]
+    if not val:
+        raise RunFailed(0, f"{log} holds no validation record")
+    return val[-1]
+
+
+def run_in_subprocess(run: Run, run_dir: Path, device: str | None) -> dict[str, Any]:
+    """Train ``run`` with ``zoo train`` (and test it with ``zoo eval``) in subprocesses that see ``device``."""
+    run_dir.mkdir(parents=True)
+    zoo_command(run_dir, device, "train", str(run.base), *run.overrides, f"out_dir={run_dir.resolve()}", "train.progress=false")
+    metrics = {"metrics": final_metrics(run_dir)}
+    if run.test is not None:
+        metrics["test"] = json.loads(zoo_command(run_dir, device, "eval", str(run_dir.resolve()), *run.test).read_text())
+    return metrics
+
+
+def execute(run: Run, out_dir: Path, device: str | None, runner: Callable) -> dict[str, Any]:
+    """``run``'s record: its params, folder and status, with its metrics or its failure."""
+    run_dir = out_dir / run.name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a failed earlier attempt
+    record = {**run.params, "run": run.name, "run_dir": str(run_dir)}
+    try:
+        return {**record, "status": "ok", **runner(run, run_dir, device)}
+    except RunFailed as e:
+        return {**record, "status": "failed", "returncode": e.returncode, "error": e.error}
+
+
+def finished_runs(path: Path) -> dict[str, dict[str, Any]]:
+    """Records of the runs results.jsonl holds as finished, by run name (failed runs are tried again)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return {r["run"]: r for r in records if r["status"] == "ok"}
+
+
+def run_sweep(runs: list[Run], out_dir: Path, options: SweepOptions) -> list[dict[str, Any]]:
+    """Execute ``runs`` and return their records in order. Each record is appended to results.jsonl as its
+    run ends; with ``options.resume`` the runs already finished there are not run again."""
+    if not options.resume:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / RESULTS
+    records = finished_runs(results) if options.resume else {}
+    todo = [run for run in runs if run.name not in records]
+
+    def keep(record: dict[str, Any]) -> None:
+        records[record["run"]] = record
+        with open(results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if options.in_process:
+        for run in todo:
+            keep(execute(run, out_dir, None, run_in_process))
+    else:
+        slots: queue.Queue = queue.Queue()  # one per job; devices dealt round-robin
+        for k in range(options.jobs):
+            slots.put(options.devices[k % len(options.devices)] if options.devices else None)
+
+        def on_a_slot(run: Run) -> dict[str, Any]:
+            device = slots.get()
+            try:
+                return execute(run, out_dir, device, run_in_subprocess)
+            finally:
+                slots.put(device)
+
+        pool = ThreadPoolExecutor(options.jobs)
+        try:
+            for future in as_completed([pool.submit(on_a_slot, run) for run in todo]):
+                keep(future.result())
+        finally:  # on an interrupt, start no further runs
+            pool.shutdown(cancel_futures=True)
+    return [records[run.name] for run in runs]
+
+
+def failures_markdown(records: list[dict[str, Any]]) -> str:
+    failed = [r for r in records if r["status"] != "ok"]
+    rows = [f"| {r['run']} | {r['returncode']} | {(r['error'].strip().splitlines() or [''])[-1]} |" for r in failed]
+    return "\n## Failed runs\n\n| run | returncode | error |\n|---|---|---|\n" + "\n".join(rows) + "\n" if failed else ""
+
+
+# --- lm-tiny on MQAR --------------------------------------------------------------------------------
+
+
 @register_reproduction("lm-mqar-smoke")
-def lm_mqar_smoke(quick: bool, out_dir: Path) -> dict[str, Any]:
+def lm_mqar_smoke(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
     """lm-tiny with attention on MQAR (seq 64, 4 kv pairs) must reach >= 0.99 accuracy at answer positions."""
-    overrides = [f"out_dir={out_dir / 'run'}"]
-    if not quick:
-        overrides += ["train.steps=3000"]
-    config = load_config(CONFIGS / "lm" / "tiny-attention-mqar.yaml", overrides)
-    metrics = train(config)
+    if options.lrs or options.mixers:
+        raise ValueError("lm-mqar-smoke is a single run: --lrs and --mixers do not apply")
+    base = CONFIGS / "lm" / "tiny-attention-mqar.yaml"
+    config = load_config(base)
+    steps = options.steps or (config.train.steps if quick else 3000)
+    [record] = run_sweep([Run({"mixer": "attention", "steps": steps}, base, [f"train.steps={steps}"])], out_dir, options)
+    accuracy = record.get("metrics", {}).get("accuracy")
     target = 0.99
-    return {"model": config.model.name, "mixer": "attention", "steps": config.train.steps, "accuracy": metrics["accuracy"],
-            "target": target, "passed": metrics["accuracy"] >= target, "run_dir": config.out_dir}
+    return {"model": config.model.name, "mixer": "attention", "steps": steps, "accuracy": accuracy, "target": target,
+            "passed": accuracy is not None and accuracy >= target, "run_dir": record["run_dir"], "status": record["status"]}
 
 
-# --- Zoology's MQAR grid (Arora et al. 2023, Figure 2) ----------------------------------------------
-
-MQAR_LENGTHS = [(64, 4), (128, 8), (256, 16), (512, 64)]  # (seq_len, num_kv_pairs)
-MQAR_WIDTHS = [64, 128, 256, 512]
-MQAR_LRS = [1e-4, 4.6e-4, 2.2e-3, 1e-2]  # np.logspace(-4, -2, 4), as Zoology sweeps
-MQAR_MIXERS = {  # mixer spec per name; attention as Zoology's MHA (biased qkv)
-    "attention": {"name": "attention", "qkv_bias": True},
-    "linear": {"name": "linear"},
-    "based": {"name": "based"},
-    "retnet": {"name": "retnet"},
-    "gla": {"name": "gla"},
-    "deltanet": {"name": "deltanet"},
-    "gated_deltanet": {"name": "gated_deltanet"},
-    "sliding_window": {"name": "sliding_window", "window": 16},
-}
-MQAR_PAPER = {  # what Zoology's figure shows, printed beside our numbers
-    "attention": "~1.0 at every width",
-    "based": ">= 0.95 at large state",
-    "deltanet": ">= 0.95 at large state",
-    "gated_deltanet": ">= 0.95 at large state",
-    "gla": ">= 0.95 at large state",
-}
+# --- Zoology's MQAR grid (Arora et al. 2023, Figure 2): configs/reproduce/mqar.yaml ----------------------
 
 
-def mqar_runs(quick: bool) -> list[dict[str, Any]]:
-    """The sweep as a plain list of run descriptions (Zoology style). Quick: attention vs linear at d_model 64 on CPU."""
-    if quick:
-        return [dict(mixer=m, seq_len=64, num_kv_pairs=4, dim=64, lr=2e-3, vocab_size=256, steps=1500)
-                for m in ("attention", "linear")]
-    return [dict(mixer=m, seq_len=t, num_kv_pairs=kv, dim=d, lr=lr, vocab_size=8192, steps=20000)
-            for m in MQAR_MIXERS for t, kv in MQAR_LENGTHS for d in MQAR_WIDTHS for lr in MQAR_LRS]
-
-
-def mqar_overrides(run: dict[str, Any], out_dir: Path) -> list[str]:
-    mixer = json.dumps(MQAR_MIXERS[run["mixer"]]).replace(" ", "")
+def mqar_overrides(run: dict[str, Any], sweep: MqarSweep) -> list[str]:
+    """Overrides of the base config for one MQAR run description (the sweep's own overrides last)."""
+    mixer = json.dumps(sweep.mixers[run["mixer"]]).replace(" ", "")
     return [
-        f"out_dir={out_dir}", f"model.dim={run['dim']}", "model.depth=2", "model.num_heads=1",
-        f"model.mixer={mixer}", f"model.vocab_size={run['vocab_size']}", f"model.max_seq_len={run['seq_len']}",
-        f"data.vocab_size={run['vocab_size']}", f"data.seq_len={run['seq_len']}", f"data.num_kv_pairs={run['num_kv_pairs']}",
-        f"train.lr={run['lr']}", f"train.steps={run['steps']}", "train.eval_every=100000", "train.progress=false",
+        f"model.dim={run['dim']}", f"model.mixer={mixer}", f"model.vocab_size={run['vocab_size']}",
+        f"model.max_seq_len={run['seq_len']}", f"data.vocab_size={run['vocab_size']}", f"data.seq_len={run['seq_len']}",
+        f"data.num_kv_pairs={run['num_kv_pairs']}", f"train.lr={run['lr']}", f"train.steps={run['steps']}", *sweep.overrides,
     ]
 
 
+def mqar_runs(quick: bool, options: SweepOptions | None = None) -> list[Run]:
+    """The sweep as a plain list of runs (Zoology style), one per mixer x length x width x lr."""
+    sweep = load_sweep("mqar", MqarSweep)
+    grid = sweep.grid(quick, options or SweepOptions())
+    params = [dict(mixer=m, seq_len=t, num_kv_pairs=kv, dim=d, lr=lr, vocab_size=grid.vocab_size, steps=grid.steps)
+              for m, (t, kv), d, lr in product(grid.mixers, grid.lengths, grid.widths, grid.lrs)]
+    return [Run(p, sweep.base_path, mqar_overrides(p, sweep)) for p in params]
+
+
 @register_reproduction("mqar")
-def mqar(quick: bool, out_dir: Path) -> dict[str, Any]:
+def mqar(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
     """Accuracy vs d_model per mixer and sequence length (best over the learning-rate sweep)."""
-    results = []
-    for i, run in enumerate(mqar_runs(quick)):
-        config = load_config(CONFIGS / "lm" / "tiny-attention-mqar.yaml", mqar_overrides(run, out_dir / f"run{i:04d}"))
-        results.append({**run, "accuracy": train(config)["accuracy"]})
+    paper = load_sweep("mqar", MqarSweep).paper
+    records = run_sweep(mqar_runs(quick, options), out_dir, options)
     best: dict[tuple, dict[str, Any]] = {}
-    for r in results:
+    for r in (dict(r, accuracy=r["metrics"]["accuracy"]) for r in records if r["status"] == "ok"):
         key = (r["mixer"], r["seq_len"], r["dim"])
         if key not in best or r["accuracy"] > best[key]["accuracy"]:
             best[key] = r
     table = sorted(best.values(), key=lambda r: (r["seq_len"], r["mixer"], r["dim"]))
-    (out_dir / "mqar.md").write_text(mqar_markdown(table))
+    (out_dir / "mqar.md").write_text(mqar_markdown(table, paper) + failures_markdown(records))
     plot_mqar(table, out_dir / "mqar.png")
     accuracy = {r["mixer"]: r["accuracy"] for r in table if r["seq_len"] == 64 and r["dim"] == 64}
     passed = accuracy.get("attention", 0.0) >= 0.99 and accuracy.get("linear", 1.0) < accuracy.get("attention", 0.0) - 0.05
-    return {"runs": results, "best": table, "attention_d64": accuracy.get("attention"), "linear_d64": accuracy.get("linear"),
-            "passed": passed, "table": str(out_dir / "mqar.md"), "plot": str(out_dir / "mqar.png")}
+    return {"runs": [r for r in records if r["status"] == "ok"], "best": table,
+            "failed": [r for r in records if r["status"] != "ok"],
+            "attention_d64": accuracy.get("attention"), "linear_d64": accuracy.get("linear"), "passed": passed,
+            "results": str(out_dir / RESULTS), "table": str(out_dir / "mqar.md"), "plot": str(out_dir / "mqar.png")}
 
 
-def mqar_markdown(table: list[dict[str, Any]]) -> str:
+def mqar_markdown(table: list[dict[str, Any]], paper: dict[str, str]) -> str:
     rows = [f"| {r['mixer']} | {r['seq_len']} | {r['num_kv_pairs']} | {r['dim']} | {r['lr']:g} | {r['accuracy']:.4f} | "
-            f"{MQAR_PAPER.get(r['mixer'], '')} |" for r in table]
+            f"{paper.get(r['mixer'], '')} |" for r in table]
     header = "| mixer | seq_len | kv pairs | d_model | best lr | accuracy | Zoology (paper) |\n|---|---|---|---|---|---|---|"
     return "# MQAR: accuracy at answer positions (best over learning rates)\n\n" + header + "\n" + "\n".join(rows) + "\n"
 
 
 def plot_mqar(table: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy vs d_model, one panel per sequence length (an empty figure when no run finished)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted({r["seq_len"] for r in table})
+    lengths = sorted({r["seq_len"] for r in table}) or [None]
     fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.2), squeeze=False)
     for ax, seq_len in zip(axes[0], lengths):
         for mixer in sorted({r["mixer"] for r in table}):
             points = sorted((r["dim"], r["accuracy"]) for r in table if r["mixer"] == mixer and r["seq_len"] == seq_len)
             ax.plot(*zip(*points), marker="o", label=mixer)
         ax.set(title=f"seq_len {seq_len}", xlabel="d_model", ylabel="accuracy", xscale="log", ylim=(0, 1.02))
-    axes[0][-1].legend(fontsize=7)
+    if table:
+        axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-# --- LRA ListOps (Tay et al. 2021, Table 1) ---------------------------------------------------------
-
-LISTOPS_MIXERS = {  # our mixer -> the LRA column it is compared with
-    "attention": ("Transformer", 36.37),
-    "linear": ("Linear Trans.", 16.13),
-    "performer": ("Performer", 18.01),
-    "linformer": ("Linformer", 35.70),
-    "nystromformer": ("Nystromformer", None),
-    "sliding_window": ("Local Att", 15.82),
-    "block_sparse": ("BigBird", 36.05),
-}
+# --- LRA ListOps (Tay et al. 2021, Table 1): configs/reproduce/listops.yaml --------------------------
 
 
-def listops_runs(quick: bool) -> list[dict[str, Any]]:
-    """Quick: a 2-layer, 64-wide encoder on sequences of 20-100 tokens (CPU); full: LRA's 4 x 512 x 8 heads, 500-2000."""
-    if quick:
-        return [dict(mixer=m, model="encoder-tiny", min_length=20, max_length=100, train_examples=4000, steps=300,
-                     batch_size=32, lr=1e-3) for m in ("attention", "linear")]
-    return [dict(mixer=m, model="encoder-listops", min_length=500, max_length=2000, train_examples=96000, steps=5000,
-                 batch_size=32, lr=5e-4) for m in LISTOPS_MIXERS]
+def listops_overrides(run: dict[str, Any], sweep: ListopsSweep) -> list[str]:
+    """Overrides of the base config for one ListOps run description (the sweep's own overrides last)."""
+    return [
+        f"model.name={run['model']}", f"model.mixer={run['mixer']}", f"model.max_seq_len={run['max_length'] + 1}",
+        f"data.min_length={run['min_length']}", f"data.max_length={run['max_length']}",
+        f"data.num_examples={run['train_examples']}", f"train.steps={run['steps']}", f"train.batch_size={run['batch_size']}",
+        f"train.lr={run['lr']}", f"train.warmup_steps={run['steps'] // 10}", f"train.eval_every={run['steps']}", *sweep.overrides,
+    ]
 
 
-def listops_config(run: dict[str, Any], out_dir: Path):
-    from zoo.config import validate_run_config
-
-    data = {"name": "listops", "min_length": run["min_length"], "max_length": run["max_length"]}
-    return validate_run_config({
-        "model": {"name": run["model"], "mixer": run["mixer"], "max_seq_len": run["max_length"] + 1},
-        "data": data | {"num_examples": run["train_examples"]},
-        "task": {"name": "sequence_classification"},
-        "train": {"steps": run["steps"], "batch_size": run["batch_size"], "lr": run["lr"], "warmup_steps": run["steps"] // 10,
-                  "weight_decay": 0.01, "eval_every": run["steps"], "eval_batches": None, "progress": False},
-        "out_dir": str(out_dir),
-    })
+def listops_runs(quick: bool, options: SweepOptions | None = None) -> list[Run]:
+    """One run per mixer (and lr), each tested on ``test_examples`` of the test split."""
+    sweep = load_sweep("listops", ListopsSweep)
+    grid = sweep.grid(quick, options or SweepOptions())
+    axes = grid.model_dump(exclude={"mixers", "lrs", "test_examples"})
+    params = [dict(mixer=m, **axes, lr=lr) for m, lr in product(grid.mixers, grid.lrs)]
+    test = ["split=test", f"data.num_examples={grid.test_examples}"]
+    return [Run(p, sweep.base_path, listops_overrides(p, sweep), test) for p in params]
 
 
 @register_reproduction("listops")
-def listops(quick: bool, out_dir: Path) -> dict[str, Any]:
+def listops(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
     """Test accuracy per mixer on ListOps beside LRA's published column (the quick run is far smaller than LRA's)."""
-    from zoo.evaluate import evaluate_checkpoint
-
-    results = []
-    for run in listops_runs(quick):
-        run_dir = out_dir / run["mixer"]
-        train(listops_config(run, run_dir))
-        test = evaluate_checkpoint(run_dir, ["split=test", f"data.num_examples={200 if quick else 2000}"])
-        paper_name, paper = LISTOPS_MIXERS[run["mixer"]]
-        results.append({**run, "test_accuracy": test["accuracy"], "lra_model": paper_name, "lra_accuracy": paper})
-    rows = [f"| {r['mixer']} | {100 * r['test_accuracy']:.2f} | {r['lra_model']} | {r['lra_accuracy'] or 'n/a'} |" for r in results]
-    table = "| mixer | ours (test %) | LRA model | LRA (test %) |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
-    (out_dir / "listops.md").write_text("# ListOps\n\n" + table)
-    return {"runs": results, "table": str(out_dir / "listops.md")}
+    columns = load_sweep("listops", ListopsSweep).mixers
+    records = run_sweep(listops_runs(quick, options), out_dir, options)
+    results = [dict(r, test_accuracy=r["test"]["accuracy"], lra_model=columns[r["mixer"]].lra_model,
+                    lra_accuracy=columns[r["mixer"]].lra_accuracy) for r in records if r["status"] == "ok"]
+    rows = [f"| {r['mixer']} | {r['lr']:g} | {100 * r['test_accuracy']:.2f} | {r['lra_model']} | {r['lra_accuracy'] or 'n/a'} |"
+            for r in results]
+    table = "| mixer | lr | ours (test %) | LRA model | LRA (test %) |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    (out_dir / "listops.md").write_text("# ListOps\n\n" + table + failures_markdown(records))
+    return {"runs": results, "failed": [r for r in records if r["status"] != "ok"], "results": str(out_dir / RESULTS),
+            "table": str(out_dir / "listops.md")}

@@ -196,7 +196,7 @@ def test_lm_decoding_logits_equal_forward(max_len_extra):
         for t in range(P, T):
             logits, states = model.prefill(x[:, t : t + 1], states)
             outs.append(logits)
-    assert len(states) == model.config.depth and all(s["pos"] == T for s in states)
+    assert len(states) == model.config.depth and all(s["mixer"]["pos"] == T for s in states)
     assert_close(torch.cat(outs, 1), full)
 
 

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
 import layers
@@ -50,6 +50,58 @@ class MixerStackConfig(ModelConfig):
         return [layers.parse_mixer_spec(specs[i % len(specs)]) for i in range(self.depth)]
 
 
+class MoEConfig(ModelConfig):
+    """Mixture-of-experts MLPs (``layers.MoE``) in place of the dense MLP of every ``every``-th block
+    (blocks ``every - 1``, ``2 * every - 1``, ...: V-MoE's every other block with ``every=2``).
+
+    Each expert is the family's MLP with hidden width ``dense hidden // granularity`` (DeepSeekMoE's
+    fine-grained segmentation: ``granularity=8`` with ``top_k=6`` and 2 shared experts uses as many
+    parameters per token as the dense MLP). Router, balance and implementation names are checked by
+    ``layers.MoE`` (an unknown name lists the valid ones)."""
+
+    num_experts: PositiveInt = 8
+    top_k: PositiveInt = 2
+    router: str = "softmax_topk"
+    capacity_factor: PositiveFloat | None = None
+    shared_experts: NonNegativeInt = 0
+    balance: str = "aux"
+    aux_loss_weight: NonNegativeFloat = 0.01
+    z_loss: NonNegativeFloat = 0.0
+    jitter: NonNegativeFloat = 0.0
+    bias_update_rate: NonNegativeFloat = 1e-3
+    granularity: PositiveInt = 1
+    every: PositiveInt = 1
+    implementation: str = "auto"
+
+    def applies_to(self, layer: int) -> bool:
+        return (layer + 1) % self.every == 0
+
+
+class MoEMLP(nn.Module):
+    """A block's MLP slot filled by ``layers.MoE``: returns the hidden states and keeps the auxiliary
+    record of the last forward in ``last_aux`` (collected by :meth:`ZooModel.moe_aux`)."""
+
+    def __init__(self, config: MoEConfig, dim: int, dense_hidden: int, expert: str, causal: bool):
+        super().__init__()
+        if dense_hidden % config.granularity:
+            raise ValueError(f"moe.granularity ({config.granularity}) must divide the dense MLP width ({dense_hidden})")
+        options = config.model_dump(exclude={"granularity", "every"})
+        self.moe = layers.MoE(dim, dense_hidden // config.granularity, expert=expert, causal=causal, **options)
+        self.last_aux: layers.MoEAux | None = None
+
+    def forward(self, x):
+        y, self.last_aux = self.moe(x)
+        return y
+
+
+def build_mlp(moe: MoEConfig | None, layer: int, dense: nn.Module | None, dim: int, hidden: int, expert: str,
+              causal: bool) -> nn.Module:
+    """The MLP of block ``layer``: an MoE where the family's ``moe`` config places one, else ``dense``."""
+    if moe is not None and moe.applies_to(layer):
+        return MoEMLP(moe, dim, hidden, expert, causal)
+    return dense
+
+
 class ZooModel(nn.Module):
     """Base class of every family's model. Subclasses set ``config_class`` and ``mixer_causal``."""
 
@@ -65,6 +117,15 @@ class ZooModel(nn.Module):
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def num_active_params(self) -> int:
+        """Parameters one token uses: all of them, less the experts an MoE layer does not route it to."""
+        idle = sum(m.moe.total_params - m.moe.active_params for m in self.modules() if isinstance(m, MoEMLP))
+        return self.num_params() - idle
+
+    def moe_aux(self) -> list[layers.MoEAux]:
+        """The auxiliary records (losses, expert load, dropped fraction) of the MoE layers' last forward."""
+        return [m.last_aux for m in self.modules() if isinstance(m, MoEMLP) and m.last_aux is not None]
+
     @classmethod
     def allowed_mixers(cls) -> list[str]:
         """Registered mixers that support this family's mode (causal for LMs, bidirectional for ViTs)."""
@@ -75,7 +136,7 @@ class ZooModel(nn.Module):
         """One row per mixer layer: its mixer name and decoding state size at the model's max length."""
         seq_len = getattr(self.config, "max_seq_len", None)
         rows = []
-        for i, mixer in enumerate(m for m in self.modules() if isinstance(m, layers.Mixer)):
+        for i, mixer in enumerate(outer_mixers(self)):
             row = {"layer": i, "mixer": getattr(mixer, "mixer_name", type(mixer).__name__)}
             if mixer.causal and seq_len:
                 try:
@@ -99,6 +160,15 @@ class ZooModel(nn.Module):
         }
         write_json(directory / "config.json", record)
         return directory
+
+
+def outer_mixers(module: nn.Module):
+    """The mixers of a model in order, not descending into a mixer (a wrapper's inner mixers are its own)."""
+    for child in module.children():
+        if isinstance(child, layers.Mixer):
+            yield child
+        else:
+            yield from outer_mixers(child)
 
 
 def build_mixer(family: str, name: str, kwargs: dict[str, Any], dim: int, num_heads: int, causal: bool,

@@ -1,7 +1,9 @@
 """Decoder-only language models: pre-norm blocks of ``mixer`` + MLP, with a per-layer mixer spec.
 
 ``mixer`` is a name, a mapping ``{name: ..., **kwargs}``, or a list of those repeated over depth
-(``["gla", "gla", "gla", "attention"]``), so hybrids are one config line.
+(``["gla", "gla", "gla", "attention"]``), so hybrids are one config line. ``block="mamba"`` drops
+the MLP (Mamba's layout: norm, mixer, residual); ``mlp="rwkv6_channel_mix"`` is RWKV's token-shifted
+MLP (it keeps the last token as decoding state); ``moe`` puts mixture-of-experts MLPs in the blocks.
 """
 from __future__ import annotations
 
@@ -10,25 +12,44 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt, field_validator
+from pydantic import PositiveInt, field_validator, model_validator
 from torch import nn
 
 import layers
-from zoo.models.base import MixerStackConfig, ZooModel, build_mixer
-from zoo.registry import register_family, register_size_table
+from layers.rwkv6 import RWKV6ChannelMix
+from zoo.models.base import MixerStackConfig, MoEConfig, ZooModel, build_mixer, build_mlp
+from zoo.registry import Variant, register_family, register_size_table
+
+# hidden width of each MLP kind, as a multiple of dim (rounded up to 64)
+MLP_WIDTH = {"swiglu": 8 / 3, "gelu": 4.0, "rwkv6_channel_mix": 3.5}
+DENSE_MLPS = {  # (dim, hidden, relative depth of the layer) -> the block's MLP
+    "swiglu": lambda dim, hidden, depth: layers.create_mlp("swiglu", dim, hidden),
+    "gelu": lambda dim, hidden, depth: layers.create_mlp("gelu", dim, hidden),
+    "rwkv6_channel_mix": lambda dim, hidden, depth: RWKV6ChannelMix(dim, hidden, init_depth=depth),
+}
 
 class LMConfig(MixerStackConfig):
     vocab_size: PositiveInt = 256
     dim: PositiveInt = 192
     depth: PositiveInt = 4
     num_heads: PositiveInt = 3
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    mlp_hidden: PositiveInt | None = None  # default: 8/3 * dim for SwiGLU, 4 * dim for GELU, rounded up to 64
+    block: Literal["transformer", "mamba"] = "transformer"
+    mlp: Literal["swiglu", "gelu", "rwkv6_channel_mix"] = "swiglu"
+    mlp_hidden: PositiveInt | None = None  # default: MLP_WIDTH[mlp] * dim, rounded up to 64
+    moe: MoEConfig | None = None
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     max_seq_len: PositiveInt = 2048
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+
+    @model_validator(mode="after")
+    def _check_block(self) -> "LMConfig":
+        if self.block == "mamba" and self.moe is not None:
+            raise ValueError("moe needs MLPs to replace, but block='mamba' has none: use block='transformer'")
+        if self.moe is not None and self.mlp == "rwkv6_channel_mix":
+            raise ValueError("moe experts are SwiGLU or GELU MLPs: use mlp='swiglu' or 'gelu' with moe")
+        return self
 
     @field_validator("dropout")
     @classmethod
@@ -40,30 +61,54 @@ class LMConfig(MixerStackConfig):
     def hidden_dim(self) -> int:
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        hidden = 8 * self.dim / 3 if self.mlp == "swiglu" else 4 * self.dim
-        return 64 * math.ceil(hidden / 64)
+        return 64 * math.ceil(MLP_WIDTH[self.mlp] * self.dim / 64)
 
 
 class LMBlock(nn.Module):
-    def __init__(self, config: LMConfig, mixer_name: str, mixer_kwargs: dict[str, Any]):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))`` unless ``block='mamba'``.
+
+    Decoding state: ``{"mixer": ...}``, plus ``"mlp"`` for an MLP that keeps state (RWKV's channel mix)."""
+
+    def __init__(self, config: LMConfig, layer: int, mixer_name: str, mixer_kwargs: dict[str, Any]):
         super().__init__()
         self.norm1 = layers.create_norm(config.norm, config.dim)
-        self.mixer = build_mixer("lm", mixer_name, mixer_kwargs, config.dim, config.num_heads, causal=True,
-                                 defaults={"max_seq_len": config.max_seq_len})  # fixed-length mixers (cosformer)
-        self.norm2 = layers.create_norm(config.norm, config.dim)
-        self.mlp = layers.create_mlp(config.mlp, config.dim, config.hidden_dim())
+        depth = layer / max(config.depth - 1, 1)  # RWKV's initialisation depends on the layer's relative depth
+        defaults = {"max_seq_len": config.max_seq_len, "init_depth": depth}  # max_seq_len: cosformer, hyena's filter
+        self.mixer = build_mixer("lm", mixer_name, mixer_kwargs, config.dim, config.num_heads, causal=True, defaults=defaults)
+        self.norm2, self.mlp = None, None
+        if config.block == "transformer":
+            self.norm2 = layers.create_norm(config.norm, config.dim)
+            dense = DENSE_MLPS[config.mlp](config.dim, config.hidden_dim(), depth)
+            self.mlp = build_mlp(config.moe, layer, dense, config.dim, config.hidden_dim(), config.mlp, causal=True)
+        self.stateful_mlp = isinstance(self.mlp, RWKV6ChannelMix)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.mixer(self.norm1(x), mask=mask))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        if self.mlp is None:
+            return x
+        h = self.norm2(x)
+        return x + self.dropout(self.mlp(h, mask) if self.stateful_mlp else self.mlp(h))
+
+    def init_state(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> dict:
+        state = {"mixer": self.mixer.init_state(batch_size, device=device, dtype=dtype, max_len=max_len)}
+        if self.stateful_mlp:
+            state["mlp"] = self.mlp.init_state(batch_size, device=device)
+        return state
 
     def decode(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """Advance the mixer's decoding state: ``step`` for one token, ``prefill`` for a prompt."""
-        advance = self.mixer.step if x.shape[1] == 1 else self.mixer.prefill
-        y, state = advance(self.norm1(x), state)
-        x = x + y
-        return x + self.mlp(self.norm2(x)), state
+        """Advance the decoding state: ``step`` for one token, ``prefill`` for a prompt."""
+        one = x.shape[1] == 1
+        y, mixer_state = (self.mixer.step if one else self.mixer.prefill)(self.norm1(x), state["mixer"])
+        x, new_state = x + y, {"mixer": mixer_state}
+        if self.mlp is None:
+            return x, new_state
+        h = self.norm2(x)
+        if self.stateful_mlp:
+            y, new_state["mlp"] = (self.mlp.step if one else self.mlp.prefill)(h, state["mlp"])
+        else:
+            y = self.mlp(h)
+        return x + y, new_state
 
 
 @register_family("lm")
@@ -77,7 +122,7 @@ class LM(ZooModel):
         super().__init__(config, name)
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(LMBlock(config, n, kw) for n, kw in config.layer_mixers())
+        self.blocks = nn.ModuleList(LMBlock(config, i, n, kw) for i, (n, kw) in enumerate(config.layer_mixers()))
         self.norm = layers.create_norm(config.norm, config.dim)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -85,13 +130,14 @@ class LM(ZooModel):
         self.apply(self._init_weights)
         # GPT-2: scale the residual output projections by depth so the residual stream stays O(1)
         for name, p in self.named_parameters():
-            if name.endswith(("mixer.proj.weight", "mlp.w3.weight", "mlp.fc2.weight")):
+            if name.endswith(("mixer.proj.weight", "mixer.out_proj.weight", "mlp.w3.weight", "mlp.fc2.weight")):
                 nn.init.normal_(p, std=config.init_std / math.sqrt(2 * config.depth))
 
     def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2's init of linear and embedding layers; parameters marked ``_no_reinit`` (Mamba's dt bias) keep theirs."""
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=self.config.init_std)
-            if module.bias is not None:
+            if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.config.init_std)
@@ -116,7 +162,7 @@ class LM(ZooModel):
 
     def init_state(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> list[dict]:
         device = device or self.embed.weight.device
-        return [b.mixer.init_state(batch_size, device=device, dtype=dtype, max_len=max_len) for b in self.blocks]
+        return [b.init_state(batch_size, device=device, dtype=dtype, max_len=max_len) for b in self.blocks]
 
     def prefill(self, input_ids: torch.Tensor, states: list[dict]) -> tuple[torch.Tensor, list[dict]]:
         """Run tokens through every layer's decoding state; returns logits [B, T, vocab] and the new states."""
@@ -185,6 +231,17 @@ LM_MIXER_VARIANTS: dict[str, Any] = {
     "sliding-window": "sliding_window",
     "block-sparse": "block_sparse",
     "gla-hybrid": ["gla", "gla", "gla", "attention"],  # 3 GLA layers then 1 attention layer, repeated
+    # the state-space issue's mixers; Mamba's layout has no MLPs and twice the layers (as mamba-130m for GPT-2 small)
+    "s4d": "s4d",
+    "hyena": "hyena",
+    "rwkv6": Variant({"mixer": "rwkv6", "mlp": "rwkv6_channel_mix"}),
+    "mamba": Variant(lambda size: {"mixer": "mamba", "block": "mamba", "depth": 2 * size["depth"]}),
+    "mamba2": Variant(lambda size: {"mixer": "mamba2", "block": "mamba", "depth": 2 * size["depth"]}),
+    "mamba2-hybrid": ["mamba2", "mamba2", "mamba2", "attention"],  # Jamba-style: 3 Mamba-2 layers then attention, with MLPs
+    # mixture-of-experts MLPs: Mixtral (8 experts, top-2) and fine-grained DeepSeek-V3 style routing
+    "moe": Variant({"moe": {"num_experts": 8, "top_k": 2}}),
+    "moe-fine": Variant({"moe": {"num_experts": 64, "top_k": 6, "shared_experts": 2, "granularity": 8,
+                                 "router": "sigmoid_topk", "balance": "bias"}}),
 }
 
 

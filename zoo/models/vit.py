@@ -9,8 +9,8 @@ from pydantic import PositiveInt, model_validator
 from torch import nn
 
 import layers
-from zoo.models.base import MixerStackConfig, ZooModel, build_mixer
-from zoo.registry import register_family, register_size_table
+from zoo.models.base import MixerStackConfig, MoEConfig, ZooModel, build_mixer, build_mlp
+from zoo.registry import Variant, register_family, register_size_table
 
 
 class ViTConfig(MixerStackConfig):
@@ -27,6 +27,7 @@ class ViTConfig(MixerStackConfig):
     drop_path_rate: float = 0.0
     dropout: float = 0.0
     norm_eps: float = 1e-6
+    moe: MoEConfig | None = None  # V-MoE: GELU experts in place of the MLP of every ``moe.every``-th block
 
     @model_validator(mode="after")
     def _check_patches(self) -> "ViTConfig":
@@ -36,7 +37,7 @@ class ViTConfig(MixerStackConfig):
 
 
 class ViTBlock(nn.Module):
-    def __init__(self, config: ViTConfig, mixer_name: str, mixer_kwargs: dict[str, Any], drop_path: float):
+    def __init__(self, config: ViTConfig, layer: int, mixer_name: str, mixer_kwargs: dict[str, Any], drop_path: float):
         super().__init__()
         # timm's biased projections, and the token count for fixed-length mixers (linformer)
         num_tokens = (config.img_size // config.patch_size) ** 2 + 1
@@ -44,7 +45,9 @@ class ViTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.mixer = build_mixer("vit", mixer_name, mixer_kwargs, config.dim, config.num_heads, causal=False, defaults=defaults)
         self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.mlp = layers.gelu_mlp(config.dim, int(config.dim * config.mlp_ratio), bias=True)
+        hidden = int(config.dim * config.mlp_ratio)
+        self.mlp = build_mlp(config.moe, layer, layers.gelu_mlp(config.dim, hidden, bias=True), config.dim, hidden, "gelu",
+                             causal=False)
         self.drop_path = layers.DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,7 @@ class ViT(ZooModel):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, config.dim))
         self.pos_drop = nn.Dropout(config.dropout)
         rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]  # stochastic depth grows linearly
-        self.blocks = nn.ModuleList(ViTBlock(config, n, kw, r) for (n, kw), r in zip(config.layer_mixers(), rates))
+        self.blocks = nn.ModuleList(ViTBlock(config, i, n, kw, r) for i, ((n, kw), r) in enumerate(zip(config.layer_mixers(), rates)))
         self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -125,6 +128,12 @@ VIT_MIXER_VARIANTS: dict[str, Any] = {
     "linformer": {"name": "linformer", "k": 64},
     "performer": "performer",
     "cosformer": "cosformer",
+    # the state-space issue's mixers: S4D mixes both ways itself; Mamba-2 through the Vision-Mamba wrapper
+    "s4d": "s4d",
+    "mamba2": {"name": "bidirectional", "inner": {"name": "mamba2"}},
+    # V-MoE (Riquelme et al. 2021): 8 GELU experts in every other block, top-2 or expert choice
+    "moe": Variant({"moe": {"num_experts": 8, "top_k": 2, "every": 2}}),
+    "moe-ec": Variant({"moe": {"num_experts": 8, "top_k": 2, "every": 2, "router": "expert_choice"}}),
 }
 
 

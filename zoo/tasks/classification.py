@@ -14,7 +14,7 @@ class Classification(Task):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
-    def loss(self, model, batch, with_metrics=True):
+    def objective(self, model, batch, with_metrics=True):
         logits = model(batch["image"])
         labels = batch["label"]
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)

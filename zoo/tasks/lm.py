@@ -13,7 +13,7 @@ IGNORE = -100
 
 @register_task("lm")
 class LanguageModeling(Task):
-    def loss(self, model, batch, with_metrics=True):
+    def objective(self, model, batch, with_metrics=True):
         logits = model(batch["input_ids"], mask=batch.get("mask"))
         labels = batch["labels"]
         # no explicit float cast: autocast runs cross_entropy in float32 without materialising fp32 logits

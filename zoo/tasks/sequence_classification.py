@@ -8,7 +8,7 @@ from zoo.tasks.base import Task, register_task
 
 @register_task("sequence_classification")
 class SequenceClassification(Task):
-    def loss(self, model, batch, with_metrics=True):
+    def objective(self, model, batch, with_metrics=True):
         logits = model(batch["input_ids"], mask=batch.get("mask"))
         labels = batch["label"]
         loss = F.cross_entropy(logits.float(), labels)
