@@ -123,11 +123,11 @@ def time_fwd_bwd(fn: Callable[[], Any], inputs: list[torch.Tensor], device: torc
     return median_ms(run, device, warmup, iters, clear)
 
 
-def kernel_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
+def kernel_rows(p: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
     device, dtype, H, D = torch.device(p["device"]), p["dtype"], p["heads"], p["head_dim"]
     use_fla = fla_available() and device.type == "cuda"
     rows = []
-    for case in KERNELS:
+    for case in (c for c in KERNELS if c.mixer in names):
         mixers = {f"ours-{b}": layers.create_mixer(case.mixer, H * D, H, backend=b, **case.options).to(device)
                   for b in (("torch", "fla") if use_fla else ("torch",))}
         for T in p["seq_lens"]:
@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, torch paths only: check the script runs")
     parser.add_argument("--only", choices=("kernels", "decoding"), help="run one section")
+    parser.add_argument("--mixers", help="comma-separated kernel cases to run (default: all)")
     args = parser.parse_args(argv)
     p = PRESETS["smoke" if args.smoke else "gpu"]
     if p["device"] == "cuda" and not torch.cuda.is_available():
@@ -310,7 +311,11 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     say(f"mixer benchmark on {device_name} (torch {torch.__version__}, fla {fla_version}){' [smoke]' if args.smoke else ''}")
     report: dict[str, Any] = {"device_name": device_name, "torch": torch.__version__, "fla_version": fla_version}
     if args.only in (None, "kernels"):
-        rows = kernel_rows(p)
+        names = args.mixers.split(",") if args.mixers else [c.mixer for c in KERNELS]
+        unknown = sorted(set(names) - {c.mixer for c in KERNELS})
+        if unknown:
+            raise SystemExit(f"--mixers: unknown {unknown}; choose from {[c.mixer for c in KERNELS]}")
+        rows = kernel_rows(p, names)
         report["kernels"] = {"tokens": p["tokens"], "heads": p["heads"], "head_dim": p["head_dim"],
                              "dtype": str(p["dtype"]).removeprefix("torch."), "rows": rows, "summary": kernel_summary(rows)}
     if args.only in (None, "decoding"):
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         report["decoding"] = {"batch": p["decode_batch"], "steps": p["decode_steps"], "contexts": list(p["contexts"]),
                               "rows": rows, "summary": decoding_summary(rows)}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "mixers_gpu" if not args.only else f"mixers_gpu_{args.only}"
+    stem = "_".join(["mixers_gpu", *([args.only] if args.only else []), *([args.mixers.replace(",", "_")] if args.mixers else [])])
     paths = {"json": args.out / f"{stem}.json", "md": args.out / f"{stem}.md"}
     paths["json"].write_text(json.dumps(report, indent=1, default=str) + "\n")
     paths["md"].write_text(markdown(report))

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=_comma_list(str), default=None,
                    help="GPU ids (0,1,2,3) dealt to the parallel runs round-robin as CUDA_VISIBLE_DEVICES")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run, in place of the sweep's")
-    p.add_argument("--lrs", type=_comma_list(float), default=None, help="learning rates to sweep (1e-3,3e-3), in place of the sweep's")
+    p.add_argument("--lrs", type=_comma_list(float), default=None,
+                   help="learning rates to sweep (1e-3,3e-3), in place of the sweep's")
     p.add_argument("--mixers", type=_comma_list(str), default=None, help="only these mixers of the sweep (attention,gla)")
     p.add_argument("--resume", action="store_true", help="keep --out and skip the runs its results.jsonl holds as finished")
     p.set_defaults(func=cmd_reproduce)

@@ -148,7 +148,8 @@ class MqarSweep(Sweep):
     def _known_names(self):
         unregistered = sorted(k for k, spec in self.mixers.items() if spec.get("name") not in MIXERS)
         if unregistered:
-            raise ValueError(f"mixers: {', '.join(unregistered)} need a 'name' among the registered mixers ({', '.join(MIXERS.names())})")
+            raise ValueError(f"mixers: {', '.join(unregistered)} need a 'name' among the registered mixers "
+                             f"({', '.join(MIXERS.names())})")
         stray = sorted(set(self.paper) - set(self.mixers))
         if stray:
             raise ValueError(f"paper: {', '.join(stray)} not in the mixers table")

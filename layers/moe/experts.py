@@ -70,11 +70,13 @@ class StackedExperts(nn.Module):
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
 
     def expert(self, x: Tensor, e: int) -> Tensor:
-        return self.spec.activation(x @ self.w_in[e]) @ self.w_out[e]
+        """Expert e on rows ``x``, its weights cast to x's dtype (bf16 under autocast)."""
+        return self.spec.activation(x @ self.w_in[e].to(x.dtype)) @ self.w_out[e].to(x.dtype)
 
     def grouped(self, x: Tensor, offs: Tensor) -> Tensor:
-        """Rows ``offs[e-1]:offs[e]`` of ``x`` go through expert e."""
-        return GROUPED_MM(self.spec.activation(GROUPED_MM(x, self.w_in, offs=offs)), self.w_out, offs=offs)
+        """Rows ``offs[e-1]:offs[e]`` of ``x`` go through expert e (weights cast to x's dtype)."""
+        hidden = GROUPED_MM(x, self.w_in.to(x.dtype), offs=offs)
+        return GROUPED_MM(self.spec.activation(hidden), self.w_out.to(x.dtype), offs=offs)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}"
@@ -96,9 +98,8 @@ def grouped_mm_unsupported(x: Tensor, experts: StackedExperts) -> str | None:
     """Why ``grouped_mm`` cannot run this input, or None when it can."""
     if GROUPED_MM is None:
         return f"torch {torch.__version__} has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
-    if x.dtype not in GROUPED_MM_DTYPES or x.dtype != experts.w_in.dtype:
-        return (f"it takes float32, bfloat16 or float16 inputs matching the expert weights "
-                f"(got {x.dtype}, weights {experts.w_in.dtype})")
+    if x.dtype not in GROUPED_MM_DTYPES:
+        return f"it takes float32, bfloat16 or float16 inputs (got {x.dtype})"
     row_bytes = {name: size * x.element_size() for name, size in
                  (("dim", experts.dim), ("hidden", experts.hidden), ("w_in width", experts.w_in.shape[-1]))}
     misaligned = [name for name, nbytes in row_bytes.items() if nbytes % 16]

@@ -137,8 +137,13 @@ class MoE(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"MoE expected x with last dimension {self.dim}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.dim)
-        routing = self.route(tokens)
-        y = self.run_experts(self.experts, tokens, routing).to(x.dtype)
+        device = x.device.type
+        # Under autocast, route in float32 and run the experts in the autocast dtype (as nn.Linear would);
+        # autocast itself stays off here, so the fp32 routing math is not lowered behind our back.
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
+        with torch.autocast(device, enabled=False):
+            routing = self.route(tokens)
+            y = self.run_experts(self.experts, tokens.to(compute), routing).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(tokens)
         return y.reshape(x.shape), self._aux(routing)

@@ -304,3 +304,21 @@ def test_causal_token_choice_allowed():
     assert set(list_moe_routers()) == set(ROUTER_TOP_K)
     for router in ("softmax_topk", "sigmoid_topk", "switch"):
         make(router, causal=True)
+
+
+@pytest.mark.parametrize("implementation", ["loop", "grouped_mm"])
+def test_autocast_routes_in_float32_and_runs_experts_in_bfloat16(implementation):
+    """Under bf16 autocast the routing is the float32 routing (same experts chosen) and the experts run in
+    bf16 as nn.Linear would; the output is within bf16 tolerance (3e-2) of the float32 layer."""
+    torch.manual_seed(0)
+    m = MoE(64, 64, 8, 2, implementation=implementation)
+    x = torch.randn(48, 64, requires_grad=True)
+    y32, aux32 = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, aux16 = m(x)
+    assert torch.equal(aux16.load, aux32.load)
+    assert aux16.loss.dtype == torch.float32 and torch.allclose(aux16.loss, aux32.loss)
+    err = (y16.float() - y32).abs().max() / y32.abs().max().clamp(min=1)
+    assert err < 3e-2
+    y16.float().sum().backward()
+    assert m.experts.w_in.grad is not None and m.experts.w_in.grad.dtype == torch.float32

@@ -1,0 +1,287 @@
+"""GPU benchmark of the mixture-of-experts layer and LM: writes ``moe_gpu.json`` and ``moe_gpu.md``
+(default ``docs/benchmarks/``).
+
+(a) The ``layers.MoE`` layer alone, fwd+bwd in bf16 on 65536 tokens of dim 1024, 64 experts, dropless softmax
+    top-k routing, two settings: top-2 with expert hidden 1024 (Mixtral-like) and top-6 with expert hidden 512
+    (fine-grained). Expert FLOPs are those of the routed SwiGLU GEMMs only: ``tokens * top_k * 3 * dim * hidden
+    * 2`` forward, x3 for fwd+bwd. Rows, side by side in one run:
+    ``dense``         the same FLOPs as one plain bf16 SwiGLU on [tokens * top_k, dim] (x @ [dim, 2 hidden],
+                      then @ [hidden, dim]): the attainable rate;
+    ``grouped_gemm``  the experts' grouped GEMMs alone on a pre-sorted, evenly split buffer;
+    ``grouped_mm``    the whole layer (routing, permutation, GEMMs, combine) with ``implementation="grouped_mm"``;
+    ``loop``          the whole layer with the per-expert ``implementation="loop"``.
+    Targets: the layer's expert TFLOP/s >= 80% of ``dense``'s; loop / grouped_mm time >= 5. ``auto``'s choice
+    for these inputs is reported.
+(b) Training steps (bf16 autocast, fused AdamW, grad clip: bench_spine_gpu's ``train_step``) of lm-350m-moe
+    against lm-350m with ``mlp_hidden`` chosen so both have the same active parameters (B = 8, T = 1024);
+    target: MoE tokens/s >= 0.7x the dense model's.
+
+Failures (out of memory, a refused implementation) are reported in their row (``error``); the run goes on.
+
+    python scripts/bench_moe_gpu.py [--out DIR] [--only layer|training] [--compile]
+    python scripts/bench_moe_gpu.py --smoke --out DIR   # CPU, tiny sizes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts, as top-level modules
+
+import torch
+import torch.nn.functional as F
+
+from layers.moe import MoE, grouped_mm_unsupported
+from bench_ssm_gpu import fmt, guarded, ratio, say, training_result, yes_no
+from zoo.bench import markdown_table, median_ms
+from zoo.registry import create_model
+
+EFFICIENCY_TARGET = 0.8  # MoE layer expert TFLOP/s over the dense GEMM's, at least
+LOOP_TARGET = 5.0  # loop / grouped_mm layer time, at least
+TRAIN_TARGET = 0.7  # MoE LM tokens/s over the dense LM's of the same active parameters, at least
+HIDDEN_MULTIPLE = 64  # the matched dense mlp_hidden is a multiple of this
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": dict(device="cuda", dtype=torch.bfloat16, tokens=65536, dim=1024, num_experts=64,
+                settings=({"top_k": 2, "hidden": 1024}, {"top_k": 6, "hidden": 512}), timing={"fast": (3, 10), "slow": (2, 5)},
+                pairs=(("lm-350m-moe", "lm-350m"),), train_batch=8, train_seq_len=1024, train_warmup=3, train_steps=10,
+                autocast=torch.bfloat16),
+    "smoke": dict(device="cpu", dtype=torch.float32, tokens=256, dim=64, num_experts=8,
+                  settings=({"top_k": 2, "hidden": 64}, {"top_k": 6, "hidden": 32}), timing={"fast": (0, 1), "slow": (0, 1)},
+                  pairs=(("lm-tiny-moe", "lm-tiny"),), train_batch=1, train_seq_len=64, train_warmup=0, train_steps=1,
+                  autocast=None),
+}
+
+
+# --- (a) the layer --------------------------------------------------------------------------------------
+
+
+def expert_flops(tokens: int, top_k: int, dim: int, hidden: int) -> int:
+    """fwd+bwd FLOPs of the routed SwiGLU expert GEMMs: 2 per multiply-add, backward twice the forward."""
+    return tokens * top_k * 3 * dim * hidden * 2 * 3
+
+
+def time_fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], device: torch.device, warmup: int,
+                 iters: int) -> float:
+    """Median ms of ``fn()`` and its backward against a fixed random cotangent; ``leaves``' grads cleared between runs."""
+    dy = torch.randn_like(fn())
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    return median_ms(lambda: torch.autograd.backward(fn(), dy), device, warmup, iters, clear)
+
+
+def build_moe(p: dict[str, Any], setting: dict[str, int], implementation: str) -> MoE:
+    """The layer of ``setting``, seeded so every implementation gets the same weights (and so the same routing)."""
+    torch.manual_seed(0)
+    with torch.device(p["device"]):
+        return MoE(p["dim"], setting["hidden"], p["num_experts"], setting["top_k"], implementation=implementation).to(p["dtype"])
+
+
+def dense_case(p: dict[str, Any], setting: dict[str, int]) -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
+    """One SwiGLU over all tokens * top_k rows: the expert GEMMs' FLOPs as plain dense matmuls."""
+    rows, dim, hidden = p["tokens"] * setting["top_k"], p["dim"], setting["hidden"]
+    leaf = lambda *shape, scale=1.0: (torch.randn(*shape, device=p["device"], dtype=p["dtype"]) * scale).requires_grad_()
+    x, w_in, w_out = leaf(rows, dim), leaf(dim, 2 * hidden, scale=dim ** -0.5), leaf(hidden, dim, scale=hidden ** -0.5)
+
+    def fn():
+        gate, up = (x @ w_in).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w_out
+
+    return fn, [x, w_in, w_out]
+
+
+def grouped_gemm_case(p: dict[str, Any], setting: dict[str, int]) -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
+    """The experts' grouped GEMMs alone, every expert given the same number of rows (a multiple of 16)."""
+    experts = build_moe(p, setting, "grouped_mm").experts
+    per_expert = 16 * -(-p["tokens"] * setting["top_k"] // (p["num_experts"] * 16))
+    x = torch.randn(per_expert * p["num_experts"], p["dim"], device=p["device"], dtype=p["dtype"], requires_grad=True)
+    offs = torch.arange(1, p["num_experts"] + 1, device=p["device"], dtype=torch.int32) * per_expert
+    return (lambda: experts.grouped(x, offs)), [x, *experts.parameters()]
+
+
+def layer_case(implementation: str) -> Callable[..., tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]:
+    def case(p: dict[str, Any], setting: dict[str, int]):
+        moe = build_moe(p, setting, implementation)
+        x = torch.randn(p["tokens"], p["dim"], device=p["device"], dtype=p["dtype"], requires_grad=True)
+        return (lambda: moe(x)[0]), [x, *moe.parameters()]
+
+    return case
+
+
+# impl -> (builder of (fn, leaves), timing)
+LAYER_IMPLS: dict[str, tuple[Callable[..., Any], str]] = {
+    "dense": (dense_case, "fast"),
+    "grouped_gemm": (grouped_gemm_case, "fast"),
+    "grouped_mm": (layer_case("grouped_mm"), "fast"),
+    "loop": (layer_case("loop"), "slow"),
+}
+
+
+def auto_choice(p: dict[str, Any], setting: dict[str, int]) -> str:
+    """What ``implementation="auto"`` runs for these inputs (and why, when it falls back to the loop)."""
+    moe = build_moe(p, setting, "auto")
+    reason = grouped_mm_unsupported(torch.zeros(16, p["dim"], device=p["device"], dtype=p["dtype"]), moe.experts)
+    return "grouped_mm" if reason is None else f"loop ({reason})"
+
+
+def layer_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
+    device, rows = torch.device(p["device"]), []
+    for setting in p["settings"]:
+        flops = expert_flops(p["tokens"], setting["top_k"], p["dim"], setting["hidden"])
+        for impl, (case, timing) in LAYER_IMPLS.items():
+            warmup, iters = p["timing"][timing]
+            row = {"section": "layer", "impl": impl, "tokens": p["tokens"], "dim": p["dim"], "num_experts": p["num_experts"],
+                   **setting, "dtype": str(p["dtype"]).removeprefix("torch."), "expert_flops": flops, "iters": iters,
+                   "fwd_bwd_ms": None, "tflops": None, "error": None}
+
+            def measure():
+                fn, leaves = case(p, setting)
+                ms = time_fwd_bwd(fn, leaves, device, warmup, iters)
+                return {"fwd_bwd_ms": ms, "tflops": flops / (ms / 1e3) / 1e12}
+
+            rows.append(guarded(row, device, measure))
+            say(f"layer top-{setting['top_k']} hidden {setting['hidden']:<5} {impl:<12} " + (
+                f"{row['fwd_bwd_ms']:9.3f} ms {row['tflops']:8.2f} TFLOP/s" if row["error"] is None else row["error"]))
+    return rows
+
+
+def layer_summary(rows: list[dict[str, Any]], p: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per setting: the layer's and the bare grouped GEMMs' rate over dense, loop / grouped_mm, auto's choice."""
+    out = []
+    for setting in p["settings"]:
+        ms = {r["impl"]: r["fwd_bwd_ms"] for r in rows if (r["top_k"], r["hidden"]) == (setting["top_k"], setting["hidden"])}
+        efficiency = ratio(ms["dense"], ms["grouped_mm"])  # same FLOPs, so the rate ratio is the inverse time ratio
+        speedup = ratio(ms["loop"], ms["grouped_mm"])
+        out.append({**setting, "efficiency": efficiency, "grouped_gemm_efficiency": ratio(ms["dense"], ms["grouped_gemm"]),
+                    "loop_speedup": speedup, "auto_choice": auto_choice(p, setting),
+                    "meets_efficiency_target": (efficiency or 0) >= EFFICIENCY_TARGET,
+                    "meets_loop_target": (speedup or 0) >= LOOP_TARGET})
+    return out
+
+
+# --- (b) training ---------------------------------------------------------------------------------------
+
+
+def matched_dense_hidden(name: str, active_params: int) -> int:
+    """The ``mlp_hidden`` (a multiple of HIDDEN_MULTIPLE) giving ``create_model(name)`` nearest ``active_params``
+    parameters: the count is linear in mlp_hidden, so two meta-device builds fix it."""
+    with torch.device("meta"):
+        count = lambda h: create_model(name, mlp_hidden=h).num_params()
+        low, high = count(HIDDEN_MULTIPLE), count(2 * HIDDEN_MULTIPLE)
+    units = 1 + (active_params - low) / (high - low)
+    return HIDDEN_MULTIPLE * max(1, round(units))
+
+
+def moe_dispatch(name: str, p: dict[str, Any]) -> list[str]:
+    """What reaches the MoE layers of model ``name`` in a (no-grad) forward under the training autocast: the
+    tokens' and expert weights' dtypes and whether ``grouped_mm`` accepts them (else ``auto`` runs the loop)."""
+    device = torch.device(p["device"])
+    with torch.device(device):
+        model = create_model(name)
+    seen = set()
+
+    def record(moe: MoE, args: tuple) -> None:
+        reason = grouped_mm_unsupported(args[0].reshape(-1, moe.dim), moe.experts)
+        seen.add(f"implementation={moe.implementation}: tokens {args[0].dtype}, experts {moe.experts.w_in.dtype}, "
+                 + ("grouped_mm accepts them" if reason is None else f"grouped_mm refuses ({reason})"))
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.register_forward_pre_hook(record)
+    with torch.no_grad(), torch.autocast(device.type, dtype=p["autocast"], enabled=p["autocast"] is not None):
+        model(torch.zeros(1, 16, dtype=torch.long, device=device))
+    return sorted(seen)
+
+
+def training_pairs(p: dict[str, Any], compile: bool) -> list[dict[str, Any]]:
+    out = []
+    for moe_name, dense_name in p["pairs"]:
+        moe = training_result(moe_name, p["train_batch"], p, compile)
+        with torch.device("meta"):
+            active = create_model(moe_name).num_active_params()
+        hidden = matched_dense_hidden(dense_name, active)
+        dense = training_result(dense_name, p["train_batch"], p, compile, mlp_hidden=hidden)
+        speed = ratio(moe["tokens_per_s"], dense["tokens_per_s"])
+        say(f"training {moe_name} / {dense_name}(mlp_hidden={hidden}) tokens/s = {fmt(speed, '.3f')} "
+            f"(target >= {TRAIN_TARGET}: {'ok' if (speed or 0) >= TRAIN_TARGET else 'MISSED'})")
+        dispatch = guarded({"in_model": None, "error": None}, torch.device(p["device"]),
+                           lambda: {"in_model": moe_dispatch(moe_name, p)})
+        say(f"training {moe_name}: MoE layers see {dispatch['in_model'] or dispatch['error']}")
+        out.append({"moe": moe, "dense": dense, "dense_mlp_hidden": hidden, "moe_active_params": active, "dispatch": dispatch,
+                    "ratio": speed, "meets_target": (speed or 0) >= TRAIN_TARGET})
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    parts = ["# Mixture-of-experts GPU benchmark\n", f"Card: **{report['device_name']}**; torch {report['torch']}.\n"]
+    if "layer" in report:
+        lay = report["layer"]
+        parts += [f"## MoE layer ({lay['tokens']} tokens, dim {lay['dim']}, {lay['num_experts']} experts, "
+                  f"{lay['dtype']}, fwd+bwd)\n",
+                  "Expert FLOPs = tokens * top_k * 3 * dim * hidden * 2 * 3 (the routed SwiGLU GEMMs, fwd+bwd). "
+                  f"Targets: layer rate / dense rate >= {EFFICIENCY_TARGET}; loop / grouped_mm time >= {LOOP_TARGET}.\n",
+                  markdown_table(("top_k", "hidden", "layer / dense rate", "target met", "grouped GEMMs alone / dense",
+                                  "loop / grouped_mm", "target met", "auto runs"), (
+                      (s["top_k"], s["hidden"], fmt(s["efficiency"], ".1%"), yes_no(s["meets_efficiency_target"]),
+                       fmt(s["grouped_gemm_efficiency"], ".1%"), fmt(s["loop_speedup"], ".1f"),
+                       yes_no(s["meets_loop_target"]), s["auto_choice"]) for s in lay["summary"])),
+                  "Raw times:\n",
+                  markdown_table(("top_k", "hidden", "impl", "iters", "fwd+bwd ms", "expert TFLOP/s", "error"), (
+                      (r["top_k"], r["hidden"], r["impl"], r["iters"], fmt(r["fwd_bwd_ms"], ".3f"), fmt(r["tflops"]),
+                       r["error"] or "") for r in lay["rows"]))]
+    if "training" in report:
+        pairs = report["training"]
+        rows = [(pair[kind], pair) for pair in pairs for kind in ("moe", "dense")]
+        parts += [f"## Training steps, MoE LM vs the dense LM of the same active parameters (target >= {TRAIN_TARGET})\n",
+                  markdown_table(("model", "overrides", "batch", "T", "params", "active params", "ms/step", "tokens/s",
+                                  "peak MB", "MoE / dense", "target met", "error"), (
+                      (r["model"], json.dumps(r["overrides"]), r["batch"], r["seq_len"], fmt(r["params"], ",d"),
+                       fmt(r["active_params"], ",d"), fmt(r["step_ms"], ".1f"), fmt(r["tokens_per_s"], ",.0f"),
+                       fmt(r["peak_mb"], ",.0f"), fmt(pair["ratio"], ".3f"), yes_no(pair["meets_target"]), r["error"] or "")
+                      for r, pair in rows)),
+                  "What the MoE layers receive under the training autocast:\n",
+                  *[f"- {pair['moe']['model']}: {'; '.join(pair['dispatch']['in_model'] or [pair['dispatch']['error']])}\n"
+                    for pair in pairs]]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check the script runs")
+    parser.add_argument("--only", choices=("layer", "training"), help="run one section")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models in the training section")
+    args = parser.parse_args(argv)
+    p = PRESETS["smoke" if args.smoke else "gpu"]
+    if p["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run this on the GPU machine, or pass --smoke for the CPU check")
+    device_name = torch.cuda.get_device_name() if p["device"] == "cuda" else "cpu"
+    say(f"moe benchmark on {device_name} (torch {torch.__version__}){' [smoke]' if args.smoke else ''}")
+    report: dict[str, Any] = {"device_name": device_name, "torch": torch.__version__, "smoke": args.smoke}
+    if args.only in (None, "layer"):
+        rows = layer_rows(p)
+        report["layer"] = {"tokens": p["tokens"], "dim": p["dim"], "num_experts": p["num_experts"],
+                           "dtype": str(p["dtype"]).removeprefix("torch."), "rows": rows, "summary": layer_summary(rows, p)}
+    if args.only in (None, "training"):
+        report["training"] = training_pairs(p, args.compile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "moe_gpu" if not args.only else f"moe_gpu_{args.only}"
+    paths = {"json": args.out / f"{stem}.json", "md": args.out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(report, indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown(report))
+    say(f"wrote {paths['json']} and {paths['md']}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""GPU benchmark of the state-space mixers: writes ``ssm_gpu.json`` and ``ssm_gpu.md`` (default ``docs/benchmarks/``).
+
+(a) Scans, side by side in one run (bf16 activations, float32 dt/A/D as in the mixers, fwd+bwd, median ms):
+    ``mamba2``  ``ssd_chunked`` against the token-by-token ``ssd_recurrent_ref`` (batch 4, 24 heads of 64,
+                d_state 128, 1 group; target: chunked >= 20x faster at T = 4096) and, where fla-core and CUDA
+                are present, fla's ``chunk_simple_gla`` on the same SSD (q = C, k = B, v = dt x, g = dt A,
+                scale 1, plus the D skip; target: chunked/kernel <= 1.1);
+    ``mamba``   ``selective_scan_chunked`` against ``selective_scan_ref`` (batch 2, d_inner 1536, d_state 16;
+                target >= 10x at T = 4096).
+    The sequential references run fewer iterations (they take seconds).
+(b) Training at T = 16384: tokens/s of full steps (bf16 autocast, fused AdamW, grad clip: bench_spine_gpu's
+    ``train_step``) of lm-125m-mamba2 / lm-125m-mamba against lm-125m (attention); target mamba2 >= 2x.
+(c) Decoding: a prompt of ``context`` tokens is prefilled (in 1024-token pieces), then ``steps`` tokens are
+    decoded one at a time; tokens/s of the decoding steps, peak memory while decoding and the decoding state's
+    size (every tensor in the nested state); target: >= 5x the attention model's tokens/s at 16k, with flat memory.
+
+Out-of-memory and other failures are reported in their row (``error``); the run goes on.
+
+    python scripts/bench_ssm_gpu.py [--out DIR] [--only scans|training|decoding] [--batch lm-125m=2] [--compile]
+    python scripts/bench_ssm_gpu.py --smoke --out DIR   # CPU, tiny sizes, torch paths only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts, as top-level modules
+
+import torch
+import torch.nn.functional as F
+
+from layers.linear_attention import call_fla, fla_available
+from layers.mamba import selective_scan_chunked, selective_scan_ref
+from layers.mamba2 import ssd_chunked, ssd_recurrent_ref
+from bench_spine_gpu import train_step
+from zoo.bench import TIMERS, markdown_table, median_ms, release
+from zoo.registry import create_model
+from zoo.tasks.lm import LanguageModeling
+
+SPEEDUP_TARGETS = {"mamba2": 20.0, "mamba": 10.0}  # sequential / chunked fwd+bwd time at the longest T, at least
+KERNEL_TARGET = 1.1  # chunked / kernel fwd+bwd time, at most
+TRAIN_TARGET = 2.0  # tokens/s over the attention model's, at least
+DECODE_TARGET = 5.0  # decoding tokens/s over the attention model's at the longest context, at least
+FLAT_MEMORY = 1.05  # peak decoding memory (state size on CPU) at the longest context over the shortest, at most
+FLA_SSD_OP = "fla.ops.simple_gla.chunk_simple_gla"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": dict(device="cuda", dtype=torch.bfloat16, seq_lens=(1024, 4096), timing={"fast": (3, 10), "slow": (1, 3)},
+                shapes={"mamba2": dict(batch=4, nheads=24, headdim=64, d_state=128, ngroups=1),
+                        "mamba": dict(batch=2, d_inner=1536, d_state=16)},
+                train_batches={"lm-125m": 2, "lm-125m-mamba2": 2, "lm-125m-mamba": 1}, train_seq_len=16384,
+                train_warmup=2, train_steps=5, autocast=torch.bfloat16, decode_batch=8, contexts=(1024, 4096, 16384),
+                decode_steps=64, prefill_piece=1024, decode_models=("lm-125m", "lm-125m-mamba2", "lm-125m-mamba")),
+    "smoke": dict(device="cpu", dtype=torch.float32, seq_lens=(32, 64), timing={"fast": (0, 1), "slow": (0, 1)},
+                  shapes={"mamba2": dict(batch=1, nheads=2, headdim=8, d_state=8, ngroups=1),
+                          "mamba": dict(batch=1, d_inner=16, d_state=4)},
+                  train_batches={"lm-tiny": 1, "lm-tiny-mamba2": 1}, train_seq_len=64, train_warmup=0, train_steps=1,
+                  autocast=None, decode_batch=1, contexts=(16, 32), decode_steps=2, prefill_piece=16,
+                  decode_models=("lm-tiny", "lm-tiny-mamba2")),
+}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def error_text(e: BaseException) -> str:
+    """A row's error: "oom" for out-of-memory, else the exception's type and first line."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return "oom"
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def guarded(row: dict[str, Any], device: torch.device, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``row`` updated with ``measure()``'s results, or with its error; memory is released either way."""
+    try:
+        row.update(measure())
+    except Exception as e:  # noqa: BLE001 - a failed row (OOM, a refused kernel) is a result, not a crash
+        row["error"] = error_text(e)
+    release(device)
+    return row
+
+
+# --- (a) scans ----------------------------------------------------------------------------------------
+
+
+def mamba2_inputs(s: dict[str, int], T: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Mamba2 mixer layout: x [B, T, H, P], dt [B, T, H] (after softplus), A [H], B, C [B, T, G, N], D [H]."""
+    b, H, G, N = s["batch"], s["nheads"], s["ngroups"], s["d_state"]
+    act = lambda *shape: torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+    return {"x": act(b, T, H, s["headdim"]), "dt": F.softplus(torch.randn(b, T, H, device=device) - 3).requires_grad_(),
+            "A": (-torch.empty(H, device=device).uniform_(1, 16)).requires_grad_(),
+            "B": act(b, T, G, N), "C": act(b, T, G, N), "D": torch.ones(H, device=device, requires_grad=True)}
+
+
+def mamba_inputs(s: dict[str, int], T: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Mamba mixer layout: u, z [B, D, T], delta [B, D, T] float32 (after softplus), A [D, N], B, C [B, N, T], D [D]."""
+    b, D, N = s["batch"], s["d_inner"], s["d_state"]
+    act = lambda *shape: torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+    return {"u": act(b, D, T), "delta": F.softplus(torch.randn(b, D, T, device=device) - 3).requires_grad_(),
+            "A": (-torch.arange(1, N + 1, device=device, dtype=torch.float32).repeat(D, 1)).requires_grad_(),
+            "B": act(b, N, T), "C": act(b, N, T), "D": torch.ones(D, device=device, requires_grad=True), "z": act(b, D, T)}
+
+
+def ssd_fla(x, dt, A, B, C, D):
+    """The SSD through fla's scalar-decay chunked kernel: q = C, k = B (per head), v = dt x, g = dt A, scale 1."""
+    H = x.shape[2]
+    q, k = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (C, B))
+    v = (x.float() * dt[..., None]).to(x.dtype)
+    o, state = call_fla(FLA_SSD_OP, q, k, v, g=dt * A, scale=1.0, output_final_state=True)
+    return (o.float() + x.float() * D[:, None]).to(x.dtype), state
+
+
+class ScanImpl(NamedTuple):
+    name: str
+    fn: Callable[..., Any]  # (**inputs) -> (y, final state)
+    timing: str = "fast"  # which (warmup, iters) of the preset
+    unavailable: Callable[[torch.device], str | None] = lambda device: None  # why it cannot run here, or None
+
+
+def fla_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "fla kernels need CUDA"
+    return None if fla_available() else "fla-core is not importable"
+
+
+SCANS: dict[str, tuple[Callable[..., dict[str, torch.Tensor]], list[ScanImpl]]] = {
+    "mamba2": (mamba2_inputs, [ScanImpl("sequential", ssd_recurrent_ref, "slow"), ScanImpl("chunked", ssd_chunked),
+                               ScanImpl("kernel", ssd_fla, unavailable=fla_unavailable)]),
+    "mamba": (mamba_inputs, [ScanImpl("sequential", selective_scan_ref, "slow"), ScanImpl("chunked", selective_scan_chunked)]),
+}
+
+
+def time_fwd_bwd(fn: Callable[..., Any], inputs: dict[str, torch.Tensor], device: torch.device, warmup: int,
+                 iters: int) -> float:
+    """Median ms of forward + backward of ``fn(**inputs)`` (its output y against a fixed random cotangent)."""
+    dy = torch.randn_like(fn(**inputs)[0])
+
+    def run():
+        torch.autograd.backward(fn(**inputs)[0], dy)
+
+    def clear():
+        for t in inputs.values():
+            t.grad = None
+
+    return median_ms(run, device, warmup, iters, clear)
+
+
+def scan_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
+    device, dtype = torch.device(p["device"]), p["dtype"]
+    rows = []
+    for case, (make_inputs, impls) in SCANS.items():
+        shape = p["shapes"][case]
+        for T in p["seq_lens"]:
+            for impl in impls:
+                warmup, iters = p["timing"][impl.timing]
+                row = {"section": "scans", "case": case, "impl": impl.name, "seq_len": T, **shape,
+                       "dtype": str(dtype).removeprefix("torch."), "iters": iters, "fwd_bwd_ms": None,
+                       "error": impl.unavailable(device)}
+                if row["error"] is None:
+                    row = guarded(row, device, lambda: {"fwd_bwd_ms": time_fwd_bwd(
+                        impl.fn, make_inputs(shape, T, device, dtype), device, warmup, iters)})
+                rows.append(row)
+                say(f"scans {case:<7} T={T:>6} {impl.name:<11} "
+                    + (f"{row['fwd_bwd_ms']:10.3f} ms" if row["fwd_bwd_ms"] is not None else row["error"]))
+    return rows
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None else None
+
+
+def scan_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per case and T: sequential / chunked (the speed-up) and chunked / kernel; targets at the longest T."""
+    ms = {(r["case"], r["seq_len"], r["impl"]): r["fwd_bwd_ms"] for r in rows}
+    longest = max(r["seq_len"] for r in rows)
+    out = []
+    for case, T in dict.fromkeys((r["case"], r["seq_len"]) for r in rows):
+        speedup = ratio(ms.get((case, T, "sequential")), ms.get((case, T, "chunked")))
+        vs_kernel = ratio(ms.get((case, T, "chunked")), ms.get((case, T, "kernel")))
+        out.append({"case": case, "seq_len": T, "speedup": speedup, "speedup_target": SPEEDUP_TARGETS[case],
+                    "chunked_vs_kernel": vs_kernel, "kernel_target": KERNEL_TARGET if (case, T, "kernel") in ms else None,
+                    "meets_speedup_target": None if T != longest else (speedup or 0) >= SPEEDUP_TARGETS[case],
+                    "meets_kernel_target": None if T != longest or vs_kernel is None else vs_kernel <= KERNEL_TARGET})
+    return out
+
+
+# --- (b) training ---------------------------------------------------------------------------------------
+
+
+def training_row(name: str, batch: int, p: dict[str, Any], compile: bool, **overrides: Any) -> dict[str, Any]:
+    """Median step time of full training steps of ``create_model(name, **overrides)`` at ``train_seq_len``;
+    tokens/s, peak memory and the (active) parameter counts."""
+    device, T = torch.device(p["device"]), p["train_seq_len"]
+    autocast = (lambda: torch.autocast(device.type, dtype=p["autocast"])) if p["autocast"] else nullcontext
+    with torch.device(device):
+        model = create_model(name, **{"max_seq_len": T, **overrides})
+    forward = torch.compile(model) if compile else model
+    task = LanguageModeling()
+    step = train_step(model, lambda b: task.loss(forward, b, with_metrics=False)[0], autocast, device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, T + 1), device=device)
+    data = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+    for _ in range(p["train_warmup"]):
+        step(data)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_ms = statistics.median(TIMERS[device.type](lambda: step(data)) for _ in range(p["train_steps"]))
+    return {"params": model.num_params(), "active_params": model.num_active_params(), "step_ms": step_ms,
+            "tokens_per_s": batch * T / (step_ms / 1e3),
+            "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+
+
+def training_result(name: str, batch: int, p: dict[str, Any], compile: bool, **overrides: Any) -> dict[str, Any]:
+    """One training row (its error in ``error``), printed."""
+    row = {"section": "training", "model": name, "overrides": overrides, "batch": batch, "seq_len": p["train_seq_len"],
+           "compile": compile, "autocast": str(p["autocast"]), "params": None, "active_params": None, "step_ms": None,
+           "tokens_per_s": None, "peak_mb": None, "error": None}
+    guarded(row, torch.device(p["device"]), lambda: training_row(name, batch, p, compile, **overrides))
+    say(f"training {name:<16} B={batch} T={p['train_seq_len']} " + (
+        f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.1f} ms  peak {fmt(row['peak_mb'], ',.0f')} MB"
+        if row["error"] is None else row["error"]))
+    return row
+
+
+def training_rows(p: dict[str, Any], compile: bool) -> list[dict[str, Any]]:
+    return [training_result(name, batch, p, compile) for name, batch in p["train_batches"].items()]
+
+
+def versus_base(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
+    """``key`` of each later row's model over the first row's (the attention model), by model."""
+    base = rows[0]
+    return {r["model"]: ratio(r.get(key), base.get(key)) for r in rows[1:]}
+
+
+# --- (c) decoding ---------------------------------------------------------------------------------------
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested structure of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(c) for c in children)
+
+
+def decode_row(name: str, context: int, p: dict[str, Any]) -> dict[str, Any]:
+    """Prefill ``context`` random tokens in pieces, then time ``decode_steps`` greedy single-token steps."""
+    device, B, steps = torch.device(p["device"]), p["decode_batch"], p["decode_steps"]
+    with torch.device(device):
+        model = create_model(name, max_seq_len=max(context + steps, 1024)).to(p["dtype"]).eval()
+    ids = torch.randint(0, model.config.vocab_size, (B, context), device=device)
+    with torch.inference_mode():
+        states = model.init_state(B, device=device, dtype=p["dtype"], max_len=context + steps)
+        for start in range(0, context, p["prefill_piece"]):
+            logits, states = model.prefill(ids[:, start:start + p["prefill_piece"]], states)
+        next_ids = logits[:, -1].argmax(-1, keepdim=True)
+        del logits
+        state_mb = tensor_bytes(states) / 2**20
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def decode():
+            nonlocal states, next_ids
+            for _ in range(steps):
+                logits, states = model.prefill(next_ids, states)
+                next_ids = logits[:, -1].argmax(-1, keepdim=True)
+
+        elapsed_ms = TIMERS[device.type](decode)
+    return {"tokens_per_s": B * steps / (elapsed_ms / 1e3), "step_ms": elapsed_ms / steps, "state_mb": state_mb,
+            "peak_decode_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+
+
+def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
+    device, rows = torch.device(p["device"]), []
+    for name in p["decode_models"]:
+        for context in p["contexts"]:
+            row = {"section": "decoding", "model": name, "context": context, "batch": p["decode_batch"],
+                   "steps": p["decode_steps"], "tokens_per_s": None, "step_ms": None, "state_mb": None,
+                   "peak_decode_mb": None, "error": None}
+            rows.append(guarded(row, device, lambda: decode_row(name, context, p)))
+            say(f"decoding {name:<16} context={context:>6} " + (
+                f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.2f} ms  peak {fmt(row['peak_decode_mb'], ',.0f')} MB"
+                f"  state {row['state_mb']:,.2f} MB" if row["error"] is None else row["error"]))
+    return rows
+
+
+def decoding_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model: tokens/s over the attention model's (the first) at each context, and its memory growth."""
+    contexts = sorted({r["context"] for r in rows})
+    by = {(r["model"], r["context"]): r for r in rows}
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ratios = {c: ratio(by[model, c]["tokens_per_s"], by[rows[0]["model"], c]["tokens_per_s"]) for c in contexts}
+        short, long = by[model, contexts[0]], by[model, contexts[-1]]
+        memory = "peak_decode_mb" if short["peak_decode_mb"] is not None else "state_mb"
+        growth = ratio(long[memory], short[memory])
+        out.append({"model": model, "vs": rows[0]["model"], "ratio_by_context": ratios, "memory_growth": growth,
+                    "memory_measure": memory, "flat_memory": growth is not None and growth <= FLAT_MEMORY,
+                    "meets_target": (ratios[contexts[-1]] or 0) >= DECODE_TARGET and growth is not None
+                    and growth <= FLAT_MEMORY})
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def yes_no(flag: bool | None) -> str:
+    return "" if flag is None else "yes" if flag else "no"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    parts = ["# State-space GPU benchmark\n",
+             f"Card: **{report['device_name']}**; torch {report['torch']}; fla {report['fla_version']}.\n"]
+    if "scans" in report:
+        s = report["scans"]
+        parts += [f"## Scans ({s['dtype']} activations, fwd+bwd)\n",
+                  f"Shapes: {json.dumps(s['shapes'])}. Targets at the longest T: sequential/chunked at least the "
+                  f"target column; chunked/kernel <= {KERNEL_TARGET} (kernel: fla's `{FLA_SSD_OP}`).\n",
+                  markdown_table(("case", "T", "sequential/chunked", "target", "target met", "chunked/kernel", "target met"), (
+                      (r["case"], r["seq_len"], fmt(r["speedup"], ".1f"), r["speedup_target"], yes_no(r["meets_speedup_target"]),
+                       fmt(r["chunked_vs_kernel"], ".3f"), yes_no(r["meets_kernel_target"])) for r in s["summary"])),
+                  "Raw times:\n",
+                  markdown_table(("case", "T", "impl", "iters", "fwd+bwd ms", "error"), (
+                      (r["case"], r["seq_len"], r["impl"], r["iters"], fmt(r["fwd_bwd_ms"], ".3f"), r["error"] or "")
+                      for r in s["rows"]))]
+    if "training" in report:
+        t = report["training"]
+        parts += [f"## Training at T = {t['seq_len']} (autocast {t['rows'][0]['autocast']}, AdamW, "
+                  f"compile={t['compile']})\n",
+                  f"tokens/s over {t['rows'][0]['model']}'s (target >= {TRAIN_TARGET}).\n",
+                  markdown_table(("model", "batch", "params", "ms/step", "tokens/s", "peak MB", "vs attention", "error"), (
+                      (r["model"], r["batch"], fmt(r["params"], ",d"), fmt(r["step_ms"], ".1f"),
+                       fmt(r["tokens_per_s"], ",.0f"), fmt(r["peak_mb"], ",.0f"), fmt(t["ratios"].get(r["model"])),
+                       r["error"] or "") for r in t["rows"]))]
+    if "decoding" in report:
+        d = report["decoding"]
+        parts += [f"## Decoding (batch {d['batch']}, {d['steps']} greedy steps after the context, eager)\n",
+                  markdown_table(("model", "context", "tokens/s", "ms/step", "peak MB while decoding", "state MB", "error"), (
+                      (r["model"], r["context"], fmt(r["tokens_per_s"], ",.0f"), fmt(r["step_ms"]),
+                       fmt(r["peak_decode_mb"], ",.0f"), fmt(r["state_mb"], ",.2f"), r["error"] or "")
+                      for r in d["rows"])),
+                  f"tokens/s over the attention model's (target >= {DECODE_TARGET} at the longest context, with memory "
+                  f"growth longest/shortest context <= {FLAT_MEMORY}):\n",
+                  markdown_table(("model", *[f"context {c}" for c in d["contexts"]], "memory growth", "target met"), (
+                      (s["model"], *[fmt(s["ratio_by_context"][c]) for c in d["contexts"]],
+                       f"{fmt(s['memory_growth'], '.3f')} ({s['memory_measure']})", yes_no(s["meets_target"]))
+                      for s in d["summary"][1:]))]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, torch paths only: check the script runs")
+    parser.add_argument("--only", choices=("scans", "training", "decoding"), help="run one section")
+    parser.add_argument("--batch", action="append", default=[], metavar="MODEL=B", help="training batch of a model (repeatable)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models in the training section")
+    args = parser.parse_args(argv)
+    p = dict(PRESETS["smoke" if args.smoke else "gpu"])
+    p["train_batches"] = {**p["train_batches"], **{k: int(v) for k, v in (item.split("=", 1) for item in args.batch)}}
+    if p["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run this on the GPU machine, or pass --smoke for the CPU check")
+    device_name = torch.cuda.get_device_name() if p["device"] == "cuda" else "cpu"
+    fla_version = None
+    if fla_available():
+        import fla
+
+        fla_version = getattr(fla, "__version__", "unknown")
+    say(f"ssm benchmark on {device_name} (torch {torch.__version__}, fla {fla_version}){' [smoke]' if args.smoke else ''}")
+    report: dict[str, Any] = {"device_name": device_name, "torch": torch.__version__, "fla_version": fla_version,
+                              "smoke": args.smoke}
+    if args.only in (None, "scans"):
+        rows = scan_rows(p)
+        report["scans"] = {"dtype": str(p["dtype"]).removeprefix("torch."), "shapes": p["shapes"], "rows": rows,
+                           "summary": scan_summary(rows)}
+    if args.only in (None, "training"):
+        rows = training_rows(p, args.compile)
+        report["training"] = {"seq_len": p["train_seq_len"], "compile": args.compile, "rows": rows,
+                              "ratios": versus_base(rows, "tokens_per_s"), "target": TRAIN_TARGET}
+    if args.only in (None, "decoding"):
+        rows = decoding_rows(p)
+        report["decoding"] = {"batch": p["decode_batch"], "steps": p["decode_steps"], "contexts": list(p["contexts"]),
+                              "rows": rows, "summary": decoding_summary(rows)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "ssm_gpu" if not args.only else f"ssm_gpu_{args.only}"
+    paths = {"json": args.out / f"{stem}.json", "md": args.out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(report, indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown(report))
+    say(f"wrote {paths['json']} and {paths['md']}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

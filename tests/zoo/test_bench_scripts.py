@@ -1,0 +1,119 @@
+"""The state-space and mixture-of-experts GPU benchmark scripts: their --smoke runs on CPU write complete reports."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy CI box spinning threads make runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.fixture(scope="module")
+def ssm(tmp_path_factory):
+    script = load_script("bench_ssm_gpu")
+    paths = script.main(["--smoke", "--out", str(tmp_path_factory.mktemp("ssm"))])
+    return script, json.loads(paths["json"].read_text()), paths["md"].read_text()
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    script = load_script("bench_moe_gpu")
+    paths = script.main(["--smoke", "--out", str(tmp_path_factory.mktemp("moe"))])
+    return script, json.loads(paths["json"].read_text()), paths["md"].read_text()
+
+
+def test_ssm_scans_time_every_case_impl_and_length(ssm):
+    script, report, md = ssm
+    rows = report["scans"]["rows"]
+    expected = {(case, impl.name, T) for case, (_, impls) in script.SCANS.items() for impl in impls
+                for T in script.PRESETS["smoke"]["seq_lens"]}
+    assert {(r["case"], r["impl"], r["seq_len"]) for r in rows} == expected and len(rows) == len(expected)
+    for r in rows:
+        if r["impl"] == "kernel":  # fla's kernel needs CUDA: reported, not run
+            assert r["fwd_bwd_ms"] is None and r["error"] == "fla kernels need CUDA"
+        else:
+            assert r["error"] is None and r["fwd_bwd_ms"] > 0
+    summary = report["scans"]["summary"]
+    assert len(summary) == 4 and all(s["speedup"] > 0 and s["chunked_vs_kernel"] is None for s in summary)
+    assert [s["meets_speedup_target"] is None for s in summary] == [True, False, True, False]  # judged at the longest T
+    assert report["device_name"] == "cpu" and "Card: **cpu**" in md and "## Scans" in md
+
+
+def test_ssm_training_and_decoding_rows(ssm):
+    _, report, md = ssm
+    training = report["training"]
+    assert [r["model"] for r in training["rows"]] == ["lm-tiny", "lm-tiny-mamba2"]
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 and r["params"] == r["active_params"] > 0
+               for r in training["rows"])
+    assert training["ratios"]["lm-tiny-mamba2"] > 0
+    decoding = report["decoding"]
+    by = {(r["model"], r["context"]): r for r in decoding["rows"]}
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 and r["peak_decode_mb"] is None for r in decoding["rows"])
+    assert by["lm-tiny", 32]["state_mb"] > by["lm-tiny", 16]["state_mb"]  # the KV cache grows with the context
+    assert by["lm-tiny-mamba2", 32]["state_mb"] == by["lm-tiny-mamba2", 16]["state_mb"] > 0  # the SSM state does not
+    (mamba2,) = [s for s in decoding["summary"] if s["model"] == "lm-tiny-mamba2"]
+    assert mamba2["flat_memory"] and mamba2["memory_measure"] == "state_mb"
+    assert "## Training" in md and "## Decoding" in md
+
+
+def test_state_bytes_walk_nested_states(ssm):
+    script, _, _ = ssm
+    state = [{"mixer": {"k": torch.zeros(2, 3), "pos": 0}}, {"mixer": {"ssm": torch.zeros(4, dtype=torch.float64)}},
+             (torch.zeros(1, dtype=torch.bfloat16),)]
+    assert script.tensor_bytes(state) == 6 * 4 + 4 * 8 + 2
+
+
+def test_moe_layer_rows_and_summary(moe):
+    script, report, md = moe
+    layer = report["layer"]
+    settings = script.PRESETS["smoke"]["settings"]
+    assert [(r["top_k"], r["hidden"], r["impl"]) for r in layer["rows"]] == [
+        (s["top_k"], s["hidden"], impl) for s in settings for impl in script.LAYER_IMPLS]
+    for r in layer["rows"]:
+        assert r["error"] is None and r["fwd_bwd_ms"] > 0 and r["tflops"] > 0
+        assert r["expert_flops"] == r["tokens"] * r["top_k"] * 3 * r["dim"] * r["hidden"] * 2 * 3
+    for s in layer["summary"]:
+        assert s["efficiency"] > 0 and s["grouped_gemm_efficiency"] > 0 and s["loop_speedup"] > 0
+        assert s["auto_choice"] == "grouped_mm" or s["auto_choice"].startswith("loop (")
+    assert report["device_name"] == "cpu" and "Card: **cpu**" in md and "## MoE layer" in md
+
+
+def test_moe_training_matches_active_params(moe):
+    script, report, md = moe
+    (pair,) = report["training"]
+    moe_row, dense_row = pair["moe"], pair["dense"]
+    assert (moe_row["model"], dense_row["model"]) == ("lm-tiny-moe", "lm-tiny")
+    assert moe_row["error"] is None and dense_row["error"] is None and pair["ratio"] > 0
+    assert moe_row["active_params"] == pair["moe_active_params"] < moe_row["params"]
+    hidden = pair["dense_mlp_hidden"]
+    assert dense_row["overrides"] == {"mlp_hidden": hidden} and hidden % script.HIDDEN_MULTIPLE == 0
+    # the nearest multiple of 64: one step changes a SwiGLU LM by 3 * dim * 64 per layer
+    step = 3 * 192 * script.HIDDEN_MULTIPLE * 4
+    assert abs(dense_row["params"] - pair["moe_active_params"]) <= step / 2
+    (seen,) = pair["dispatch"]["in_model"]  # smoke: float32 tokens and weights, which grouped_mm takes
+    assert seen.startswith("implementation=auto: tokens torch.float32, experts torch.float32") and "grouped_mm" in seen
+    assert "## Training steps" in md and "What the MoE layers receive" in md
+
+
+def test_scripts_refuse_to_run_without_cuda(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("bench_ssm_gpu", "bench_moe_gpu"):
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            load_script(name).main(["--out", str(tmp_path)])
