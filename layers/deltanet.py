@@ -159,24 +159,27 @@ def chunk_gated_delta_core(q, k, v, beta, g=None, initial_state=None, scale=None
 
 
 def affine_scan(M: torch.Tensor, X: torch.Tensor, S0: torch.Tensor, mm) -> tuple[torch.Tensor, torch.Tensor]:
-    """All states of S_{n+1} = M_n S_n + X_n from S_0 = S0, in parallel over n (Hillis-Steele):
-    returns ([S_0, ..., S_{N-1}], S_N). M [B, H, N, Dk, Dk]; X [B, H, N, Dk, Dv]; S0 [B, H, Dk, Dv].
+    """All states of S_{n+1} = M_n S_n + X_n from S_0 = S0, in parallel over n: returns
+    ([S_0, ..., S_{N-1}], S_N). M [B, H, N, Dk, Dk]; X [B, H, N, Dk, Dv]; S0 [B, H, Dk, Dv].
 
-    After the level of offset d, entry n holds the composition of its last 2d steps: the map
-    (A_n, Y_n) with S_{n+1} = A_n S_{n+1-2d} + Y_n. Composing with the entry d before costs one
-    matmul ``A_n [A_{n-d} | Y_{n-d}]``; ceil(log2 N) levels replace a loop of N small steps (which
-    left a GPU idle between kernel launches). ``mm`` is the matmul (operands in the input dtype).
+    Recursive pairing: steps (2i, 2i+1) compose into one affine map (M_2i+1 M_2i, M_2i+1 X_2i +
+    X_2i+1), a half-length scan of the composed maps gives every odd state, and each even state is
+    one step past its odd predecessor. ceil(log2 N) levels of halving size (O(N) work and memory)
+    replace a loop of N small steps, which left a GPU idle between kernel launches. ``mm`` is the
+    matmul (operands in the input dtype).
     """
     N, Dk = M.shape[2], M.shape[-1]
-    AY, d = torch.cat([M, X], dim=-1), 1
-    while d < N:
-        composed = mm(AY[:, :, d:, :, :Dk], AY[:, :, :-d])
-        AY = torch.cat([AY[:, :, :d], composed + F.pad(AY[:, :, d:, :, Dk:], (Dk, 0))], dim=2)
-        d *= 2
-    A, Y = AY.split([Dk, AY.shape[-1] - Dk], dim=-1)
-    incl = Y + mm(A, S0[:, :, None].expand(-1, -1, N, -1, -1))  # S_1 .. S_N
-    states = torch.cat([S0[:, :, None].to(incl.dtype), incl[:, :, :-1]], dim=2)
-    return states, incl[:, :, -1]
+    if N == 1:
+        return S0[:, :, None].to(X.dtype), mm(M[:, :, 0], S0) + X[:, :, 0]
+    if N % 2:  # pad with an identity step
+        eye = torch.eye(Dk, dtype=M.dtype, device=M.device).expand_as(M[:, :, :1])
+        M, X = torch.cat([M, eye], dim=2), F.pad(X, (0, 0, 0, 0, 0, 1))
+    M_even, M_odd, X_even, X_odd = M[:, :, 0::2], M[:, :, 1::2], X[:, :, 0::2], X[:, :, 1::2]
+    composed = mm(M_odd, torch.cat([M_even, X_even], dim=-1))  # [M_odd M_even | M_odd X_even]
+    pair_states, final = affine_scan(composed[..., :Dk], composed[..., Dk:] + X_odd, S0, mm)  # S_0, S_2, ...
+    odd_states = mm(M_even, pair_states) + X_even  # S_1, S_3, ...
+    states = torch.stack([pair_states.to(odd_states.dtype), odd_states], dim=3).flatten(2, 3)[:, :, :N]
+    return states, final
 
 
 def chunk_delta_rule(q, k, v, beta, initial_state=None, scale=None, chunk_size=64, state_dtype=torch.float32):

@@ -209,28 +209,40 @@ def chunk_states(kv: torch.Tensor, log_decay: torch.Tensor | None, S0: torch.Ten
         S_n = exp(a_n) S_{n-1} + kv_n  (S_{-1} = S0),   returns ([S_{-1}, S_0, ..., S_{N-2}], S_{N-1})
 
     kv [B, H, N, Dk, Dv]; log_decay None or [B', H', N, Dk|1, 1] (a_n, each chunk's total log decay
-    per key dimension). Without decays this is a cumulative sum. With decays, a Hillis-Steele scan:
-    after the level of offset d every entry holds the sum over its last 2d chunks, each term scaled
-    by exp(L_n - L_m) <= 1 (L the cumulative log decay over chunks), so ceil(log2 N) elementwise
-    passes replace a loop of N small steps (which left the GPU idle between kernel launches).
+    per key dimension). Without decays this is a cumulative sum; with decays, :func:`decay_scan`.
     """
-    N = kv.shape[2]
     if log_decay is None:
         incl = kv.cumsum(dim=2)
         if S0 is not None:
             incl = incl + S0[:, :, None]
     else:
-        L = log_decay.cumsum(dim=2)
-        incl, d = kv, 1
-        while d < N:
-            carried = (L[:, :, d:] - L[:, :, :-d]).exp() * incl[:, :, :-d]
-            incl = torch.cat([incl[:, :, :d], incl[:, :, d:] + carried], dim=2)
-            d *= 2
+        incl = decay_scan(log_decay, kv)
         if S0 is not None:
-            incl = incl + L.exp() * S0[:, :, None]
+            incl = incl + log_decay.cumsum(dim=2).exp() * S0[:, :, None]
     first = incl.new_zeros(incl[:, :, :1].shape) if S0 is None else S0[:, :, None].expand_as(incl[:, :, :1])
     states = torch.cat([first, incl[:, :, :-1]], dim=2)
     return states, incl[:, :, -1]
+
+
+def decay_scan(log_a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Inclusive scan Y_n = exp(log_a_n) Y_{n-1} + x_n (Y_{-1} = 0) along dim 2, by recursive pairing.
+
+    Neighbours (2i, 2i+1) combine into one step (log decay a_2i + a_2i+1, input exp(a_2i+1) x_2i +
+    x_2i+1); the half-length scan gives every odd entry, and each even entry is one step past its odd
+    predecessor. ceil(log2 N) levels of halving size: O(N) work and memory, where a loop over chunks
+    would leave a GPU idle between N small kernel launches. Every factor is exp(log decay) <= 1.
+    """
+    N = x.shape[2]
+    if N == 1:
+        return x
+    if N % 2:  # pad with an identity step (no decay, no input)
+        log_a, x = F.pad(log_a, (0, 0, 0, 0, 0, 1)), F.pad(x, (0, 0, 0, 0, 0, 1))
+    a_even, a_odd = log_a[:, :, 0::2], log_a[:, :, 1::2]
+    x_even, x_odd = x[:, :, 0::2], x[:, :, 1::2]
+    y_odd = decay_scan(a_even + a_odd, a_odd.exp() * x_even + x_odd)
+    y_before_even = torch.cat([torch.zeros_like(y_odd[:, :, :1]), y_odd[:, :, :-1]], dim=2)
+    y_even = a_even.exp() * y_before_even + x_even
+    return torch.stack([y_even, y_odd], dim=3).flatten(2, 3)[:, :, :N]
 
 
 # --- fla dispatch ----------------------------------------------------------------------------------

@@ -62,11 +62,21 @@ def _comma_list(cast):
     return parse
 
 
+def _grid_axis(text: str) -> tuple[str, object]:
+    """``axis=value`` with the value read as YAML."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected AXIS=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def cmd_reproduce(args) -> None:
     from zoo.reproduce import reproduce
 
     result = reproduce(args.name, quick=args.quick, out_dir=args.out, jobs=args.jobs, devices=args.devices,
-                       steps=args.steps, lrs=args.lrs, mixers=args.mixers, resume=args.resume)
+                       steps=args.steps, lrs=args.lrs, mixers=args.mixers, resume=args.resume, grid=dict(args.grid))
     _print_json(result)
     if not result.get("passed", True):
         sys.exit(1)
@@ -123,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rates to sweep (1e-3,3e-3), in place of the sweep's")
     p.add_argument("--mixers", type=_comma_list(str), default=None, help="only these mixers of the sweep (attention,gla)")
     p.add_argument("--resume", action="store_true", help="keep --out and skip the runs its results.jsonl holds as finished")
+    p.add_argument("--grid", type=_grid_axis, action="append", default=[], metavar="AXIS=YAML",
+                   help="replace another axis of the grid: --grid 'widths=[64,128]' --grid 'lengths=[[512,64]]'")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

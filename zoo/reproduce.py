@@ -59,6 +59,7 @@ class SweepOptions:
     lrs: list[float] | None = None  # replaces the grid's learning rates
     mixers: list[str] | None = None  # picks mixers from the sweep's table
     resume: bool = False  # keep out_dir and skip runs recorded as finished in results.jsonl
+    grid: dict[str, Any] | None = None  # replaces any other axes of the grid ({"widths": [64, 128]})
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -73,11 +74,11 @@ class SweepOptions:
 
 def reproduce(name: str, quick: bool = False, out_dir: str | Path | None = None, jobs: int = 1,
               devices: list[str] | None = None, steps: int | None = None, lrs: list[float] | None = None,
-              mixers: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
+              mixers: list[str] | None = None, resume: bool = False, grid: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run reproduction ``name`` in ``out_dir`` (default ``runs/reproduce/<name>``): from scratch, or with
     ``resume`` keeping the runs already finished there."""
     fn = REPRODUCTIONS.get(name)
-    options = SweepOptions(jobs=jobs, devices=devices, steps=steps, lrs=lrs, mixers=mixers, resume=resume)
+    options = SweepOptions(jobs=jobs, devices=devices, steps=steps, lrs=lrs, mixers=mixers, resume=resume, grid=grid)
     out_dir = Path(out_dir or Path("runs") / "reproduce" / name)
     result = {"reproduction": name, "quick": quick, **fn(quick=quick, out_dir=out_dir, options=options)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,13 +117,17 @@ class Sweep(Strict):
         return self
 
     def grid(self, quick: bool, options: SweepOptions):
-        """The ``quick`` or ``full`` grid with the options' steps, lrs and mixers in place of its own."""
+        """The ``quick`` or ``full`` grid with the options' steps, lrs, mixers and other axes in place of its own."""
         unknown = [m for m in options.mixers or () if m not in self.mixers]
         if unknown:
             raise ValueError(f"unknown mixer(s) {', '.join(unknown)} for this sweep; valid: {', '.join(self.mixers)}")
         grid = self.quick if quick else self.full
         update = {"steps": options.steps, "lrs": options.lrs, "mixers": options.mixers or grid.mixers or list(self.mixers)}
-        return grid.model_copy(update={k: v for k, v in update.items() if v is not None})
+        update = {k: v for k, v in update.items() if v is not None} | (options.grid or {})
+        try:
+            return type(grid).model_validate(grid.model_dump() | update)
+        except ValidationError as e:
+            raise ValueError(f"grid override: {describe_errors(e)}") from None
 
     @property
     def base_path(self) -> Path:
@@ -192,9 +197,13 @@ def load_sweep(name: str, schema: type[Sweep]) -> Sweep:
     try:
         return schema.model_validate(yaml.safe_load(path.read_text()))
     except ValidationError as e:
-        problems = ["{}: {}".format(".".join(str(p) for p in err["loc"]) or "sweep",
-                                    "unknown key" if err["type"] == "extra_forbidden" else err["msg"]) for err in e.errors()]
-        raise ValueError(f"invalid sweep {path}: " + "; ".join(problems)) from None
+        raise ValueError(f"invalid sweep {path}: {describe_errors(e)}") from None
+
+
+def describe_errors(e: ValidationError) -> str:
+    """``key.path: problem; ...`` for each error, an unknown key said as such."""
+    return "; ".join("{}: {}".format(".".join(str(p) for p in err["loc"]) or "sweep",
+                                     "unknown key" if err["type"] == "extra_forbidden" else err["msg"]) for err in e.errors())
 
 
 # --- running a sweep ------------------------------------------------------------------------------

@@ -197,3 +197,15 @@ def test_listops_reports_each_mixer_beside_lra(monkeypatch, tmp_path):
 def test_the_smoke_reproduction_is_a_single_run(tmp_path):
     with pytest.raises(ValueError, match="single run"):
         reproduce.reproduce("lm-mqar-smoke", quick=True, out_dir=tmp_path, mixers=["linear"])
+
+
+def test_grid_axes_can_be_replaced_from_the_command_line_and_bad_axes_are_named():
+    from zoo.reproduce import MqarSweep, SweepOptions, load_sweep
+
+    sweep = load_sweep("mqar", MqarSweep)
+    grid = sweep.grid(False, SweepOptions(grid={"widths": [64, 128], "lengths": [[512, 64]]}, mixers=["gla"]))
+    assert grid.widths == [64, 128] and [list(x) for x in grid.lengths] == [[512, 64]] and grid.mixers == ["gla"]
+    with pytest.raises(ValueError, match="grid override: widthz: unknown key"):
+        sweep.grid(False, SweepOptions(grid={"widthz": [64]}))
+    with pytest.raises(ValueError, match="grid override: widths"):
+        sweep.grid(False, SweepOptions(grid={"widths": "wide"}))
