@@ -35,17 +35,19 @@ from layers.deltanet import l2norm
 from layers.linear_attention import call_fla, fla_available
 from layers.retnet import retention_log_decay
 from zoo.bench import markdown_table, median_ms, release
+from zoo.decoding import GraphedDecoder
 from zoo.registry import create_model
 
 FLA_TARGET = 1.05  # ours-fla / fla, at most
 TORCH_TARGET = 2.5  # ours-torch / fla at T = 16k, at most
 DECODE_TARGET = 5.0  # recurrent / attention decoding tokens/s at the longest context, at least
+GROWING_STATE = {"attention", "sliding_window", "block_sparse", "based", "hyena"}  # KV caches / cached inputs
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(device="cuda", dtype=torch.bfloat16, tokens=65536, heads=16, head_dim=64,
                 seq_lens=(1024, 4096, 16384), warmup=2, iters=5, decode_batch=8,
                 contexts=(1024, 4096, 16384), decode_steps=64, prefill_piece=1024,
-                decode_models=("lm-125m", "lm-125m-gla", "lm-125m-retnet", "lm-125m-deltanet")),
+                decode_models=("lm-125m", "lm-125m-gla", "lm-125m-retnet", "lm-125m-deltanet", "lm-125m-mamba2")),
     "smoke": dict(device="cpu", dtype=torch.float32, tokens=256, heads=2, head_dim=16, seq_lens=(64, 128), warmup=1,
                   iters=2, decode_batch=2, contexts=(32, 64), decode_steps=4, prefill_piece=32,
                   decode_models=("lm-tiny", "lm-tiny-gla")),
@@ -178,15 +180,16 @@ def kernel_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- (b) decoding -------------------------------------------------------------------------------------
 
 
-def decode_row(name: str, context: int, p: dict[str, Any]) -> dict[str, Any]:
-    """Prefill ``context`` random tokens, then time ``decode_steps`` single-token steps (greedy, inference mode)."""
+def decode_row(name: str, context: int, p: dict[str, Any], graph: bool) -> dict[str, Any]:
+    """Prefill ``context`` random tokens, then time ``decode_steps`` single-token greedy steps, eagerly or
+    (``graph``) as replays of a captured CUDA graph (``zoo.decoding.GraphedDecoder``)."""
     device, B, steps = torch.device(p["device"]), p["decode_batch"], p["decode_steps"]
-    row = {"section": "decoding", "model": name, "context": context, "batch": B, "steps": steps, "tokens_per_s": None,
-           "step_ms": None, "peak_decode_mb": None, "state_mb": None, "error": None}
+    row = {"section": "decoding", "model": name, "mode": "cuda graph" if graph else "eager", "context": context, "batch": B,
+           "steps": steps, "tokens_per_s": None, "step_ms": None, "peak_decode_mb": None, "state_mb": None, "error": None}
     with torch.device(device):
         model = create_model(name, max_seq_len=max(context + steps, 1024)).to(p["dtype"]).eval()
     ids = torch.randint(0, model.config.vocab_size, (B, context), device=device)
-    with torch.inference_mode():
+    with torch.no_grad():
         states = model.init_state(B, device=device, dtype=p["dtype"], max_len=context + steps)
         for start in range(0, context, p["prefill_piece"]):
             logits, states = model.prefill(ids[:, start:start + p["prefill_piece"]], states)
@@ -196,10 +199,17 @@ def decode_row(name: str, context: int, p: dict[str, Any]) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        if graph:
+            decoder = GraphedDecoder(model, states)
+            advance = lambda ids: decoder.step(ids)
+        else:
+            def advance(ids):
+                nonlocal states
+                logits, states = model.prefill(ids, states)
+                return logits[:, -1]
         start = time.perf_counter()
         for _ in range(steps):
-            logits, states = model.prefill(next_ids, states)
-            next_ids = logits[:, -1].argmax(-1, keepdim=True)
+            next_ids = advance(next_ids).argmax(-1, keepdim=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
             row["peak_decode_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -219,30 +229,41 @@ def tensor_bytes(tree: Any) -> int:
 
 def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for name in p["decode_models"]:
-        for context in p["contexts"]:
-            try:
-                row = decode_row(name, context, p)
-            except torch.OutOfMemoryError:
-                row = {"section": "decoding", "model": name, "context": context, "batch": p["decode_batch"], "error": "oom"}
-            release(torch.device(p["device"]))
-            rows.append(row)
-            say(f"decoding {name:<18} context={context:>6} " + (
-                f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.2f} ms  peak {row['peak_decode_mb'] or 0:,.0f} MB"
-                f"  state {row['state_mb']:,.1f} MB" if not row.get("error") else row["error"]))
+    modes = (False, True) if p["device"] == "cuda" else (False,)
+    for name, graph, context in ((n, g, c) for n in p["decode_models"] for g in modes for c in p["contexts"]):
+        if graph and not fixed_size_state(name):
+            continue
+        try:
+            row = decode_row(name, context, p, graph)
+        except torch.OutOfMemoryError:
+            row = {"section": "decoding", "model": name, "mode": "cuda graph" if graph else "eager", "context": context,
+                   "batch": p["decode_batch"], "error": "oom"}
+        release(torch.device(p["device"]))
+        rows.append(row)
+        say(f"decoding {name:<18} {row['mode']:<10} context={context:>6} " + (
+            f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.2f} ms  peak {row['peak_decode_mb'] or 0:,.0f} MB"
+            f"  state {row['state_mb']:,.1f} MB" if not row.get("error") else row["error"]))
     return rows
 
 
+def fixed_size_state(name: str) -> bool:
+    """Whether every layer of model ``name`` decodes with a fixed-size state (no KV cache): graph-capturable."""
+    with torch.device("meta"):
+        model = create_model(name)
+    return all(getattr(b.mixer, "mixer_name", "") not in GROWING_STATE for b in model.blocks)
+
+
 def decoding_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """tokens/s of each model over the attention model (the first) at each context."""
+    """tokens/s of each model and mode over the attention model's eager decoding (the first rows) at each context."""
     base = rows[0]["model"]
-    tps = {(r["model"], r["context"]): r.get("tokens_per_s") for r in rows}
+    tps = {(r["model"], r["mode"], r["context"]): r.get("tokens_per_s") for r in rows}
     longest = max(r["context"] for r in rows)
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows if r["model"] != base):
-        ratios = {c: (tps[(model, c)] / tps[(base, c)]) if tps.get((model, c)) and tps.get((base, c)) else None
+    for model, mode in dict.fromkeys((r["model"], r["mode"]) for r in rows if r["model"] != base):
+        ratios = {c: (tps[(model, mode, c)] / tps[(base, "eager", c)])
+                  if tps.get((model, mode, c)) and tps.get((base, "eager", c)) else None
                   for c in sorted({r["context"] for r in rows})}
-        out.append({"model": model, "vs": base, "ratio_by_context": ratios,
+        out.append({"model": model, "mode": mode, "vs": f"{base} (eager, KV cache)", "ratio_by_context": ratios,
                     "meets_target": (ratios[longest] or 0) >= DECODE_TARGET})
     return out
 
@@ -279,15 +300,18 @@ def markdown(report: dict[str, Any]) -> str:
                       for r in k["rows"]))]
     if "decoding" in report:
         d = report["decoding"]
-        parts += [f"## Decoding (batch {d['batch']}, {d['steps']} greedy steps after the context, eager, bf16)\n",
-                  markdown_table(("model", "context", "tokens/s", "ms/step", "peak MB while decoding", "state MB", "error"), (
-                      (r["model"], r["context"], fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("step_ms")),
+        parts += [f"## Decoding (batch {d['batch']}, {d['steps']} greedy steps after the context, bf16; eager, and "
+                  "replayed CUDA graphs for models with fixed-size states)\n",
+                  markdown_table(("model", "mode", "context", "tokens/s", "ms/step", "peak MB while decoding", "state MB",
+                                  "error"), (
+                      (r["model"], r["mode"], r["context"], fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("step_ms")),
                        fmt(r.get("peak_decode_mb"), ",.0f"), fmt(r.get("state_mb"), ",.1f"), r.get("error") or "")
                       for r in d["rows"])),
                   f"Ratio of tokens/s to {d['summary'][0]['vs'] if d['summary'] else 'attention'} "
                   f"(target >= {DECODE_TARGET} at the longest context):\n",
-                  markdown_table(("model", *[f"context {c}" for c in d["contexts"]], "target met"), (
-                      (s["model"], *[fmt(s["ratio_by_context"][c]) for c in d["contexts"]], "yes" if s["meets_target"] else "no")
+                  markdown_table(("model", "mode", *[f"context {c}" for c in d["contexts"]], "target met"), (
+                      (s["model"], s["mode"], *[fmt(s["ratio_by_context"][c]) for c in d["contexts"]],
+                       "yes" if s["meets_target"] else "no")
                       for s in d["summary"]))]
     return "\n".join(parts)
 

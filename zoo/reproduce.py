@@ -15,6 +15,7 @@ import queue
 import shutil
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from itertools import product
@@ -327,9 +328,11 @@ def run_sweep(runs: list[Run], out_dir: Path, options: SweepOptions) -> list[dic
         try:
             for future in as_completed([pool.submit(on_a_slot, run) for run in todo]):
                 keep(future.result())
-        finally:  # on an interrupt, start no further runs
+        except KeyboardInterrupt:  # stop here: report the runs that finished (--resume runs the rest later)
+            warnings.warn(f"interrupted: {len(records)} of {len(runs)} runs finished; the report covers those")
+        finally:  # start no further runs
             pool.shutdown(cancel_futures=True)
-    return [records[run.name] for run in runs]
+    return [records[run.name] for run in runs if run.name in records]
 
 
 def failures_markdown(records: list[dict[str, Any]]) -> str:

@@ -1,0 +1,73 @@
+"""Decoding one token at a time as a replayed CUDA graph.
+
+An eager decoding step of a 12-layer LM launches hundreds of small kernels, and the GPU waits on
+Python between them: at batch 8 a step takes milliseconds whatever the mixer. For models whose
+decoding state has a fixed size (recurrent mixers: GLA, RetNet, DeltaNet, Mamba, ...), the whole
+step can be captured once as a CUDA graph over static token and state buffers and replayed per
+token. A KV cache grows by a token each step (attention keeps a Python position), so such
+models are refused; they decode eagerly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def state_leaves(tree: Any) -> list[Any]:
+    """The leaves of a nest of dicts and lists (a model's decoding states), in a fixed order."""
+    if isinstance(tree, dict):
+        return [leaf for key in sorted(tree) for leaf in state_leaves(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in state_leaves(item)]
+    return [tree]
+
+
+class GraphedDecoder:
+    """``step(ids [B, 1]) -> logits [B, vocab]`` through a captured CUDA graph of ``model.prefill``.
+
+    ``states`` (from ``model.init_state`` and a prompt's ``model.prefill``) become the static
+    buffers: each replay computes the next states and copies them into those buffers inside the
+    graph, so no Python runs per token beyond the replay. The logits tensor is reused by every replay.
+    """
+
+    def __init__(self, model: nn.Module, states: list, warmup: int = 2):
+        leaves = state_leaves(states)
+        devices = {leaf.device.type for leaf in leaves if isinstance(leaf, torch.Tensor)}
+        if devices != {"cuda"}:
+            raise ValueError(f"cuda_graph decoding needs the model and its states on a CUDA device, got {sorted(devices)}")
+        fixed = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)]
+        if fixed:
+            raise ValueError("cuda_graph decoding needs decoding states made of tensors only; this model keeps "
+                             f"{', '.join(sorted(set(fixed)))} state (a growing KV cache): decode it eagerly")
+        self.model, self.states = model, states
+        batch = leaves[0].shape[0]
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=leaves[0].device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):  # lazy initialisation (kernel autotuning, workspaces) happens outside the capture
+                model.prefill(self.ids, self._copy(states))
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            logits, new_states = model.prefill(self.ids, states)
+            for dst, src in zip(state_leaves(states), state_leaves(new_states)):
+                if dst is not src:
+                    dst.copy_(src)
+        self.logits = logits[:, -1]
+
+    @staticmethod
+    def _copy(tree: Any) -> Any:
+        if isinstance(tree, dict):
+            return {k: GraphedDecoder._copy(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(GraphedDecoder._copy(v) for v in tree)
+        return tree.clone()
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Advance every sequence by the tokens ``ids [B, 1]``; returns the next-token logits [B, vocab]."""
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits
