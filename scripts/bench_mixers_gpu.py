@@ -18,9 +18,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,8 +32,7 @@ import layers
 from layers.deltanet import l2norm
 from layers.linear_attention import call_fla, fla_available
 from layers.retnet import retention_log_decay
-from zoo.bench import markdown_table, median_ms, release
-from zoo.decoding import GraphedDecoder
+from zoo.bench import decode_throughput, markdown_table, median_ms, release, write_report
 from zoo.registry import create_model
 
 FLA_TARGET = 1.05  # ours-fla / fla, at most
@@ -181,50 +178,11 @@ def kernel_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def decode_row(name: str, context: int, p: dict[str, Any], graph: bool) -> dict[str, Any]:
-    """Prefill ``context`` random tokens, then time ``decode_steps`` single-token greedy steps, eagerly or
-    (``graph``) as replays of a captured CUDA graph (``zoo.decoding.GraphedDecoder``)."""
-    device, B, steps = torch.device(p["device"]), p["decode_batch"], p["decode_steps"]
-    row = {"section": "decoding", "model": name, "mode": "cuda graph" if graph else "eager", "context": context, "batch": B,
-           "steps": steps, "tokens_per_s": None, "step_ms": None, "peak_decode_mb": None, "state_mb": None, "error": None}
-    with torch.device(device):
-        model = create_model(name, max_seq_len=max(context + steps, 1024)).to(p["dtype"]).eval()
-    ids = torch.randint(0, model.config.vocab_size, (B, context), device=device)
-    with torch.no_grad():
-        states = model.init_state(B, device=device, dtype=p["dtype"], max_len=context + steps)
-        for start in range(0, context, p["prefill_piece"]):
-            logits, states = model.prefill(ids[:, start:start + p["prefill_piece"]], states)
-        next_ids = logits[:, -1].argmax(-1, keepdim=True)
-        del logits
-        row["state_mb"] = tensor_bytes(states) / 2**20
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        if graph:
-            decoder = GraphedDecoder(model, states)
-            advance = lambda ids: decoder.step(ids)
-        else:
-            def advance(ids):
-                nonlocal states
-                logits, states = model.prefill(ids, states)
-                return logits[:, -1]
-        start = time.perf_counter()
-        for _ in range(steps):
-            next_ids = advance(next_ids).argmax(-1, keepdim=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            row["peak_decode_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        elapsed = time.perf_counter() - start
-    row["step_ms"] = elapsed / steps * 1e3
-    row["tokens_per_s"] = B * steps / elapsed
-    return row
-
-
-def tensor_bytes(tree: Any) -> int:
-    """Bytes of every tensor in a nest of dicts and lists (a model's decoding states)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
-    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
-    return sum(tensor_bytes(t) for t in items)
+    """One decoding measurement (``zoo.bench.decode_throughput``) as a report row."""
+    row = {"section": "decoding", "model": name, "mode": "cuda graph" if graph else "eager", "context": context,
+           "batch": p["decode_batch"], "steps": p["decode_steps"], "error": None}
+    return row | decode_throughput(name, context, p["decode_batch"], p["decode_steps"], torch.device(p["device"]),
+                                   p["dtype"], p["prefill_piece"], graph)
 
 
 def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
@@ -346,13 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         rows = decoding_rows(p)
         report["decoding"] = {"batch": p["decode_batch"], "steps": p["decode_steps"], "contexts": list(p["contexts"]),
                               "rows": rows, "summary": decoding_summary(rows)}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "_".join(["mixers_gpu", *([args.only] if args.only else []), *([args.mixers.replace(",", "_")] if args.mixers else [])])
-    paths = {"json": args.out / f"{stem}.json", "md": args.out / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(report, indent=1, default=str) + "\n")
-    paths["md"].write_text(markdown(report))
-    say(f"wrote {paths['json']} and {paths['md']}")
-    return paths
+    return write_report(report, args.out, stem, markdown)
 
 
 if __name__ == "__main__":

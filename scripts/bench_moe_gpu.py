@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from layers.moe import MoE, grouped_mm_unsupported
 from bench_ssm_gpu import fmt, guarded, ratio, say, training_result, yes_no
-from zoo.bench import markdown_table, median_ms
+from zoo.bench import markdown_table, median_ms, write_report
 from zoo.registry import create_model
 
 EFFICIENCY_TARGET = 0.8  # MoE layer expert TFLOP/s over the dense GEMM's, at least
@@ -274,13 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                            "dtype": str(p["dtype"]).removeprefix("torch."), "rows": rows, "summary": layer_summary(rows, p)}
     if args.only in (None, "training"):
         report["training"] = training_pairs(p, args.compile)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "moe_gpu" if not args.only else f"moe_gpu_{args.only}"
-    paths = {"json": args.out / f"{stem}.json", "md": args.out / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(report, indent=1, default=str) + "\n")
-    paths["md"].write_text(markdown(report))
-    say(f"wrote {paths['json']} and {paths['md']}")
-    return paths
+    return write_report(report, args.out, "moe_gpu" if not args.only else f"moe_gpu_{args.only}", markdown)
 
 
 if __name__ == "__main__":

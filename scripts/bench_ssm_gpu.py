@@ -39,7 +39,7 @@ from layers.linear_attention import call_fla, fla_available
 from layers.mamba import selective_scan_chunked, selective_scan_ref
 from layers.mamba2 import ssd_chunked, ssd_recurrent_ref
 from bench_spine_gpu import train_step
-from zoo.bench import TIMERS, markdown_table, median_ms, release
+from zoo.bench import TIMERS, decode_throughput, markdown_table, median_ms, release, write_report
 from zoo.registry import create_model
 from zoo.tasks.lm import LanguageModeling
 
@@ -242,39 +242,10 @@ def versus_base(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]
 # --- (c) decoding ---------------------------------------------------------------------------------------
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in a nested structure of dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return sum(tensor_bytes(c) for c in children)
-
-
 def decode_row(name: str, context: int, p: dict[str, Any]) -> dict[str, Any]:
-    """Prefill ``context`` random tokens in pieces, then time ``decode_steps`` greedy single-token steps."""
-    device, B, steps = torch.device(p["device"]), p["decode_batch"], p["decode_steps"]
-    with torch.device(device):
-        model = create_model(name, max_seq_len=max(context + steps, 1024)).to(p["dtype"]).eval()
-    ids = torch.randint(0, model.config.vocab_size, (B, context), device=device)
-    with torch.inference_mode():
-        states = model.init_state(B, device=device, dtype=p["dtype"], max_len=context + steps)
-        for start in range(0, context, p["prefill_piece"]):
-            logits, states = model.prefill(ids[:, start:start + p["prefill_piece"]], states)
-        next_ids = logits[:, -1].argmax(-1, keepdim=True)
-        del logits
-        state_mb = tensor_bytes(states) / 2**20
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def decode():
-            nonlocal states, next_ids
-            for _ in range(steps):
-                logits, states = model.prefill(next_ids, states)
-                next_ids = logits[:, -1].argmax(-1, keepdim=True)
-
-        elapsed_ms = TIMERS[device.type](decode)
-    return {"tokens_per_s": B * steps / (elapsed_ms / 1e3), "step_ms": elapsed_ms / steps, "state_mb": state_mb,
-            "peak_decode_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+    """Eager decoding at ``context`` (``zoo.bench.decode_throughput``)."""
+    return decode_throughput(name, context, p["decode_batch"], p["decode_steps"], torch.device(p["device"]), p["dtype"],
+                             p["prefill_piece"])
 
 
 def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
@@ -392,13 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         rows = decoding_rows(p)
         report["decoding"] = {"batch": p["decode_batch"], "steps": p["decode_steps"], "contexts": list(p["contexts"]),
                               "rows": rows, "summary": decoding_summary(rows)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "ssm_gpu" if not args.only else f"ssm_gpu_{args.only}"
-    paths = {"json": args.out / f"{stem}.json", "md": args.out / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(report, indent=1, default=str) + "\n")
-    paths["md"].write_text(markdown(report))
-    say(f"wrote {paths['json']} and {paths['md']}")
-    return paths
+    return write_report(report, args.out, "ssm_gpu" if not args.only else f"ssm_gpu_{args.only}", markdown)
 
 
 if __name__ == "__main__":

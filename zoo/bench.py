@@ -217,6 +217,63 @@ def measure(module: nn.Module, inputs: tuple[torch.Tensor, ...], device: torch.d
     }
 
 
+def tensor_bytes(tree: Any) -> int:
+    """Bytes of every tensor in a nest of dicts and lists (a model's decoding states)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return sum(tensor_bytes(t) for t in items)
+
+
+def decode_throughput(name: str, context: int, batch: int, steps: int, device: torch.device, dtype: torch.dtype,
+                      prefill_piece: int = 1024, graph: bool = False) -> dict[str, Any]:
+    """Decoding speed of LM ``name``: prefill ``context`` random tokens (in ``prefill_piece``-token pieces),
+    then time ``steps`` greedy single-token steps, eagerly or (``graph``) as replays of a captured CUDA
+    graph (``zoo.decoding.GraphedDecoder``). Returns tokens/s, ms per step, the decoding state's size and
+    the peak memory while decoding (CUDA)."""
+    from zoo.decoding import GraphedDecoder
+
+    with torch.device(device):
+        model = create_model(name, max_seq_len=max(context + steps, 1024)).to(dtype).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    with torch.no_grad():
+        states = model.init_state(batch, device=device, dtype=dtype, max_len=context + steps)
+        for start in range(0, context, prefill_piece):
+            logits, states = model.prefill(ids[:, start:start + prefill_piece], states)
+        next_ids = logits[:, -1].argmax(-1, keepdim=True)
+        del logits
+        state_mb = tensor_bytes(states) / 2**20
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if graph:
+            advance = GraphedDecoder(model, states).step
+        else:
+            def advance(ids):
+                nonlocal states
+                logits, states = model.prefill(ids, states)
+                return logits[:, -1]
+        start = time.perf_counter()
+        for _ in range(steps):
+            next_ids = advance(next_ids).argmax(-1, keepdim=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return {"tokens_per_s": batch * steps / elapsed, "step_ms": elapsed / steps * 1e3, "state_mb": state_mb,
+            "peak_decode_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, stem: str, markdown: Callable[[dict[str, Any]], str]) -> dict[str, Path]:
+    """``out_dir/stem.json`` (everything measured) and ``out_dir/stem.md`` (``markdown(report)``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(report, indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown(report))
+    print(f"wrote {paths['json']} and {paths['md']}", flush=True)
+    return paths
+
+
 def release(device: torch.device) -> None:
     """Hand freed CUDA memory back (after a model, a row or an out-of-memory error), so the next run starts clean."""
     if device.type == "cuda":

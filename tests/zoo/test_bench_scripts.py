@@ -73,11 +73,12 @@ def test_ssm_training_and_decoding_rows(ssm):
     assert "## Training" in md and "## Decoding" in md
 
 
-def test_state_bytes_walk_nested_states(ssm):
-    script, _, _ = ssm
+def test_state_bytes_walk_nested_states():
+    from zoo.bench import tensor_bytes
+
     state = [{"mixer": {"k": torch.zeros(2, 3), "pos": 0}}, {"mixer": {"ssm": torch.zeros(4, dtype=torch.float64)}},
              (torch.zeros(1, dtype=torch.bfloat16),)]
-    assert script.tensor_bytes(state) == 6 * 4 + 4 * 8 + 2
+    assert tensor_bytes(state) == 6 * 4 + 4 * 8 + 2
 
 
 def test_moe_layer_rows_and_summary(moe):
