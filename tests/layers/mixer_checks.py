@@ -507,3 +507,14 @@ def check_bf16_mixer_vs_naive(make_mixer: Callable[..., nn.Module], reference: C
     dy = torch.randn(B, T, D)
     ref_m = make_mixer(D, H, **kwargs)
     check_bf16_chunked_vs_naive(m, ref_m, reference, x, dy, param)
+
+
+def check_decoding_after_masked_prefill(m: nn.Module, x: torch.Tensor, mask: torch.Tensor, steps: int = 3) -> None:
+    """After ``prefill(x, mask)`` each sequence decodes ``steps`` more tokens exactly as if it had run alone."""
+    more = torch.randn(len(x), steps, x.shape[-1])
+    with torch.no_grad():
+        _, state = m.prefill(x, m.init_state(len(x)), mask)
+        y_more, _ = step_through(m, more, state)
+        for b in range(len(x)):
+            alone = m(torch.cat([x[b, mask[b]], more[b]])[None])[0, -steps:]
+            assert_close(y_more[b], alone, msg=f"sequence {b}")

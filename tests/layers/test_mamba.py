@@ -18,7 +18,8 @@ from torch import nn
 
 from layers.mamba import Mamba, selective_scan_chunked, selective_scan_ref, selective_state_update
 from mixer_checks import (BF16_TOL, assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph,
-                          check_fully_padded_rows, check_grads_match, check_mixer_matches_reference_grads,
+                          check_decoding_after_masked_prefill, check_fully_padded_rows, check_grads_match,
+                          check_input_errors, check_mixer_matches_reference_grads,
                           check_padding_equals_alone_and_reference, check_prefill_gradient, check_prefill_then_steps,
                           forward_backward, linear, max_err, padding_mask, param_grads, per_sequence, shape_ids,
                           state_checker, step_through)
@@ -190,14 +191,7 @@ def test_prefill_gradient_matches_forward():
 def test_padding_mask_equals_running_alone(side):
     m = make_mixer(32, chunk_size=8)
     x, mask = check_padding_equals_alone_and_reference(m, reference_mamba_module, side, state_keys=STATE_KEYS)
-    # decoding continues each sequence after a masked prefill
-    more = torch.randn(len(x), 3, 32)
-    with torch.no_grad():
-        _, state = m.prefill(x, m.init_state(len(x)), mask)
-        y_more, _ = step_through(m, more, state)
-        for b in range(len(x)):
-            alone = m(torch.cat([x[b, mask[b]], more[b]])[None])[0, -3:]
-            assert_close(y_more[b], alone, msg=f"sequence {b}")
+    check_decoding_after_masked_prefill(m, x, mask)
 
 
 def test_right_padded_conv_state_is_last_real_inputs():
@@ -298,9 +292,4 @@ def test_bad_options(kwargs, name):
 
 def test_bad_inputs():
     m = make_mixer(32)
-    with pytest.raises(ValueError, match=r"x_t must have shape \[batch, 1, 32\]"):
-        m.step(torch.randn(2, 3, 32), m.init_state(2))
-    with pytest.raises(ValueError, match=r"shape \[batch, seq_len, 32\]"):
-        m(torch.randn(2, 5, 31))
-    with pytest.raises(ValueError, match="mask must be a bool tensor"):
-        m(torch.randn(2, 5, 32), mask=torch.ones(2, 5))
+    check_input_errors(m)
