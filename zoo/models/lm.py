@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import PositiveInt, field_validator, model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import layers
 from layers.rwkv6 import RWKV6ChannelMix
@@ -38,6 +39,7 @@ class LMConfig(MixerStackConfig):
     mlp: Literal["swiglu", "gelu", "rwkv6_channel_mix"] = "swiglu"
     mlp_hidden: PositiveInt | None = None  # default: MLP_WIDTH[mlp] * dim, rounded up to 64
     moe: MoEConfig | None = None
+    grad_checkpointing: bool = False  # recompute each block in backward: long contexts in less memory
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     max_seq_len: PositiveInt = 2048
     tie_embeddings: bool = True
@@ -155,8 +157,9 @@ class LM(ZooModel):
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_ids(input_ids)
         x = self.drop(self.embed(input_ids))
+        recompute = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, mask=mask)
+            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask=mask)
         return self.head(self.norm(x))
 
     # --- incremental decoding ----------------------------------------------------------------
