@@ -2,6 +2,7 @@
 from zoo.registry import create_model, list_models, model_info, register_model  # noqa: I001
 from zoo import models  # noqa: F401  (registers the built-in families)
 from zoo.models.base import ZooModel, load_pretrained
+from zoo.patch import patch  # zoo.patch(timm_vit, "tome", r=8): token reduction on a timm ViT
 
 __version__ = "0.1.0"
-__all__ = ["ZooModel", "create_model", "list_models", "load_pretrained", "model_info", "register_model"]
+__all__ = ["ZooModel", "create_model", "list_models", "load_pretrained", "model_info", "patch", "register_model"]

@@ -22,6 +22,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError, model_validator
 
@@ -466,3 +467,75 @@ def listops(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]
     (out_dir / "listops.md").write_text("# ListOps\n\n" + table + failures_markdown(records))
     return {"runs": results, "failed": [r for r in records if r["status"] != "ok"], "results": str(out_dir / RESULTS),
             "table": str(out_dir / "listops.md")}
+
+
+# --- MoE vs dense at equal active parameters (Switch Transformer): configs/reproduce/moe-vs-dense.yaml ----------
+
+
+class MoeGrid(Strict):
+    size: str  # the LM size: lm-<size>
+    seq_len: PositiveInt
+    steps: PositiveInt
+    batch_size: PositiveInt
+    lrs: list[PositiveFloat]
+    mixers: list[str] | None = None  # unused: every model of the table runs
+
+
+class MoeVsDenseSweep(Sweep):
+    primary: str  # the MoE whose loss must beat the dense LM's
+    models: dict[str, dict[str, Any]]  # sweep name -> model config overrides
+    mixers: dict[str, Any] = {}
+    full: MoeGrid
+    quick: MoeGrid
+
+    @model_validator(mode="after")
+    def _primary_and_dense(self):
+        missing = sorted({"dense", self.primary} - set(self.models))
+        if missing:
+            raise ValueError(f"models: needs {', '.join(missing)} (primary: {self.primary}); has {', '.join(self.models)}")
+        return self
+
+
+def moe_vs_dense_runs(quick: bool, options: SweepOptions | None = None) -> list[Run]:
+    """One run per model of the table (and lr), all of one LM size, equal steps."""
+    options = options or SweepOptions()
+    if options.mixers:
+        raise ValueError("moe-vs-dense compares models, not mixers: --mixers does not apply")
+    sweep = load_sweep("moe-vs-dense", MoeVsDenseSweep)
+    grid = sweep.grid(quick, options)
+    runs = []
+    for (label, model), lr in product(sweep.models.items(), grid.lrs):
+        params = dict(model=label, size=grid.size, seq_len=grid.seq_len, steps=grid.steps, batch_size=grid.batch_size, lr=lr)
+        overrides = [f"model.name=lm-{grid.size}", f"model.max_seq_len={grid.seq_len}", f"data.seq_len={grid.seq_len}", *(f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in model.items()),
+                     f"train.steps={grid.steps}", f"train.batch_size={grid.batch_size}", f"train.lr={lr}",
+                     f"train.warmup_steps={grid.steps // 10}", f"train.eval_every={grid.steps}", *sweep.overrides]
+        runs.append(Run(params, sweep.base_path, overrides))
+    return runs
+
+
+@register_reproduction("moe-vs-dense")
+def moe_vs_dense(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
+    """Validation loss of each MoE LM against the dense LM with the same active parameters; passes when the
+    sweep's ``primary`` MoE ends below the dense LM (the others are reported beside it)."""
+    from zoo.registry import create_model
+
+    sweep = load_sweep("moe-vs-dense", MoeVsDenseSweep)
+    records = run_sweep(moe_vs_dense_runs(quick, options), out_dir, options)
+    results = []
+    for r in (r for r in records if r["status"] == "ok"):
+        with torch.device("meta"):
+            model = create_model(f"lm-{r['size']}", **sweep.models[r["model"]])
+        train_log = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        speed = [x["samples_per_s"] for x in train_log if x.get("split") == "train" and "samples_per_s" in x]
+        results.append({**r, "val_loss": r["metrics"]["loss"], "params": model.num_params(),
+                        "active_params": model.num_active_params(), "samples_per_s": speed[-1] if speed else None})
+    dense = {r["lr"]: r["val_loss"] for r in results if r["model"] == "dense"}
+    primary = [r for r in results if r["model"] == sweep.primary]
+    passed = bool(primary) and all(r["lr"] in dense and r["val_loss"] < dense[r["lr"]] for r in primary)
+    rows = [f"| {r['model']} | {r['lr']:g} | {r['params']:,} | {r['active_params']:,} | {r['val_loss']:.4f} | "
+            f"{r['samples_per_s'] or float('nan'):.1f} |" for r in results]
+    table = ("| model | lr | params | active params | val loss | samples/s |\n|---|---|---|---|---|---|\n"
+             + "\n".join(rows) + "\n")
+    (out_dir / "moe-vs-dense.md").write_text("# MoE vs dense at equal active parameters\n\n" + table + failures_markdown(records))
+    return {"runs": results, "failed": [r for r in records if r["status"] != "ok"], "passed": passed,
+            "results": str(out_dir / RESULTS), "table": str(out_dir / "moe-vs-dense.md")}

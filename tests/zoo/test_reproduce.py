@@ -3,6 +3,7 @@ runs, the table keeps each cell's best learning rate, and the parallel runner re
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -209,3 +210,21 @@ def test_grid_axes_can_be_replaced_from_the_command_line_and_bad_axes_are_named(
         sweep.grid(False, SweepOptions(grid={"widthz": [64]}))
     with pytest.raises(ValueError, match="grid override: widths"):
         sweep.grid(False, SweepOptions(grid={"widths": "wide"}))
+
+
+def test_moe_vs_dense_runs_the_dense_and_moe_models_at_equal_active_params(tmp_path):
+    """The sweep's models build with (nearly) the dense LM's active parameters; a 3-step in-process run reports them."""
+    from zoo.reproduce import moe_vs_dense_runs, reproduce
+
+    runs = moe_vs_dense_runs(quick=True)
+    assert [r.params["model"] for r in runs] == ["dense", "switch-top1", "fine-top6"]
+    result = reproduce("moe-vs-dense", quick=True, out_dir=tmp_path, steps=3)
+    by_model = {r["model"]: r for r in result["runs"]}
+    dense = by_model["dense"]["active_params"]
+    for name in ("switch-top1", "fine-top6"):
+        moe = by_model[name]
+        assert moe["params"] > 4 * dense and abs(moe["active_params"] - dense) / dense < 0.05
+        assert math.isfinite(moe["val_loss"])
+    assert (tmp_path / "moe-vs-dense.md").read_text().count("\n| ") == 1 + 3  # the header and a row per model
+    with pytest.raises(ValueError, match="--mixers does not apply"):
+        moe_vs_dense_runs(quick=True, options=SweepOptions(mixers=["gla"]))

@@ -122,6 +122,11 @@ class ZooModel(nn.Module):
         idle = sum(m.moe.total_params - m.moe.active_params for m in self.modules() if isinstance(m, MoEMLP))
         return self.num_params() - idle
 
+    def aux_losses(self) -> dict[str, "torch.Tensor"]:
+        """Auxiliary losses of the last forward beyond the MoE layers' (e.g. DynamicViT's keep-ratio loss),
+        by name; the tasks add them to the loss and log them. None by default."""
+        return {}
+
     def moe_aux(self) -> list[layers.MoEAux]:
         """The auxiliary records (losses, expert load, dropped fraction) of the MoE layers' last forward."""
         return [m.last_aux for m in self.modules() if isinstance(m, MoEMLP) and m.last_aux is not None]

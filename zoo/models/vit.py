@@ -1,5 +1,6 @@
 """Vision Transformers laid out like timm's ``VisionTransformer`` (so timm weights convert by name),
-with the token mixer swappable through ``mixer=`` (bidirectional mixers only)."""
+with the token mixer swappable through ``mixer=`` (bidirectional mixers only) and optional token
+reduction (ToMe, EViT, DynamicViT, patch dropout) through ``token_reduction=``."""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -9,6 +10,7 @@ from pydantic import PositiveInt, model_validator
 from torch import nn
 
 import layers
+from layers.token_reduction import Tokens, TokenReduction, create_token_reduction, get_token_reduction_class
 from zoo.models.base import MixerStackConfig, MoEConfig, ZooModel, build_mixer, build_mlp
 from zoo.registry import Variant, register_family, register_size_table
 
@@ -28,11 +30,27 @@ class ViTConfig(MixerStackConfig):
     dropout: float = 0.0
     norm_eps: float = 1e-6
     moe: MoEConfig | None = None  # V-MoE: GELU experts in place of the MLP of every ``moe.every``-th block
+    # a spec {name: tome | evit | dynamicvit | patch_dropout, **options} (layers.token_reduction)
+    token_reduction: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_patches(self) -> "ViTConfig":
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_token_reduction(self) -> "ViTConfig":
+        spec = self.token_reduction
+        if spec is None:
+            return self
+        if "name" not in spec:
+            raise ValueError(f"token_reduction needs a 'name' key, got {spec}")
+        get_token_reduction_class(spec["name"])  # an unknown name lists close matches
+        others = sorted({name for name, _ in self.layer_mixers()} - {"attention"})
+        if others:
+            raise ValueError(f"token_reduction needs the 'attention' mixer in every layer (it reads the keys and "
+                             f"reweights the softmax); got mixer {', '.join(others)}")
         return self
 
 
@@ -49,9 +67,20 @@ class ViTBlock(nn.Module):
         self.mlp = build_mlp(config.moe, layer, layers.gelu_mlp(config.dim, hidden, bias=True), config.dim, hidden, "gelu",
                              causal=False)
         self.drop_path = layers.DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer = layer
+        if config.token_reduction is not None and getattr(self.mixer, "rotary", None) is not None:
+            raise ValueError("token_reduction cannot be combined with rotary embeddings (rope=True): merged tokens have no position")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.mixer(self.norm1(x)))
+    def forward(self, x: torch.Tensor, tokens: Tokens | None = None) -> torch.Tensor:
+        """``tokens``: the forward's token-reduction record; when it intercepts this layer the attention runs
+        through it (proportional attention, masking, CLS attention) and the tokens are reduced before the MLP."""
+        if tokens is None or not tokens.intercepts(self.layer):
+            x = x + self.drop_path(self.mixer(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        q, k, v = self.mixer._project(self.norm1(x), positions=None)
+        y, cls_attention = tokens.attend(q, k, v, self.layer)
+        x = x + self.drop_path(self.mixer._merge(y))
+        x = tokens.reduce(x, self.layer, k, cls_attention)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -73,6 +102,9 @@ class ViT(ZooModel):
         self.blocks = nn.ModuleList(ViTBlock(config, i, n, kw, r) for i, ((n, kw), r) in enumerate(zip(config.layer_mixers(), rates)))
         self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.token_reduction: TokenReduction | None = None
+        if config.token_reduction is not None:
+            self.token_reduction = create_token_reduction(config.token_reduction, depth=config.depth, dim=config.dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -92,8 +124,11 @@ class ViT(ZooModel):
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
+        tokens = None
+        if self.token_reduction is not None:
+            x, tokens = self.token_reduction.start(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, tokens)
         return self.norm(x)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -103,12 +138,24 @@ class ViT(ZooModel):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
 
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """While DynamicViT trains, its keep-ratio loss (the tasks add it to the loss and log it)."""
+        loss = self.token_reduction.aux_loss() if self.token_reduction is not None else None
+        return {} if loss is None else {"keep_ratio_loss": loss}
+
 
 def create_vit(name: str, defaults: dict[str, Any], **overrides: Any) -> ViT:
     """The one builder behind every ViT entrypoint."""
     from zoo.config import merge_overrides
 
     return ViT(ViTConfig.model_validate(merge_overrides(defaults, overrides, ViTConfig, where=name)), name=name)
+
+
+def vit_num_patches(size: dict[str, Any]) -> int:
+    """Patch count of a size table entry (missing image or patch size: the config defaults)."""
+    fields = ViTConfig.model_fields
+    img, patch = size.get("img_size", fields["img_size"].default), size.get("patch_size", fields["patch_size"].default)
+    return (img // patch) ** 2
 
 
 VIT_SIZES: dict[str, dict[str, Any]] = {
@@ -134,6 +181,11 @@ VIT_MIXER_VARIANTS: dict[str, Any] = {
     # V-MoE (Riquelme et al. 2021): 8 GELU experts in every other block, top-2 or expert choice
     "moe": Variant({"moe": {"num_experts": 8, "top_k": 2, "every": 2}}),
     "moe-ec": Variant({"moe": {"num_experts": 8, "top_k": 2, "every": 2, "router": "expert_choice"}}),
+    # token reduction: ToMe merging the largest constant r that never needs clipping, patches // (depth + 1)
+    # (15 for B/16, 7 for L/16: the paper's 16 and 8 get clipped at the last layer); EViT keeping 0.7 of the
+    # tokens at a quarter, half and three quarters of the depth (layers 3, 6, 9 of 12)
+    "tome": Variant(lambda size: {"token_reduction": {"name": "tome", "r": max(1, vit_num_patches(size) // (size["depth"] + 1))}}),
+    "evit": Variant({"token_reduction": {"name": "evit", "keep_rate": 0.7}}),
 }
 
 

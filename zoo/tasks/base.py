@@ -45,21 +45,27 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, Any], with_metrics: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
-        """:meth:`objective` plus the auxiliary losses of the model's MoE layers (balance, z-loss). The
-        metrics keep the task's ``loss`` and add ``moe_aux_loss`` and, per MoE layer ``i``,
+        """:meth:`objective` plus the auxiliary losses of the model's MoE layers (balance, z-loss) and its
+        ``aux_losses()`` (e.g. DynamicViT's keep-ratio loss, logged under its name). The metrics keep the
+        task's ``loss`` and add ``moe_aux_loss`` and, per MoE layer ``i``,
         ``moe{i}_max_load`` (the busiest expert's share times the number of experts: 1.0 is even) and
         ``moe{i}_dropped`` (the fraction of assignments over capacity)."""
         loss, metrics = self.objective(model, batch, with_metrics)
         records = getattr(model, "moe_aux", lambda: [])()
-        if not records:
-            return loss, metrics
-        aux = torch.stack([r.loss for r in records]).sum()
-        if with_metrics:
-            metrics["moe_aux_loss"] = aux.detach()
-            for i, r in enumerate(records):
-                metrics[f"moe{i}_max_load"] = r.load.max() * r.load.numel()
-                metrics[f"moe{i}_dropped"] = r.dropped_fraction
-        return loss + aux, metrics
+        extra = getattr(model, "aux_losses", dict)()
+        if records:
+            aux = torch.stack([r.loss for r in records]).sum()
+            loss = loss + aux
+            if with_metrics:
+                metrics["moe_aux_loss"] = aux.detach()
+                for i, r in enumerate(records):
+                    metrics[f"moe{i}_max_load"] = r.load.max() * r.load.numel()
+                    metrics[f"moe{i}_dropped"] = r.dropped_fraction
+        for name, value in extra.items():
+            loss = loss + value
+            if with_metrics:
+                metrics[name] = value.detach()
+        return loss, metrics
 
     def check_data(self, model: nn.Module, dataset: Any) -> None:
         """Raise a clear error when ``dataset`` cannot feed ``model`` (vocabulary, classes, image size)."""

@@ -1,0 +1,129 @@
+"""ToMe: Token Merging (Bolya et al., ICLR 2023).
+
+After the attention of every block, bipartite soft matching merges ``r`` tokens away: tokens are
+alternately split into sets A (even positions) and B (odd positions); each A token finds its most
+similar B token by cosine similarity of the attention keys (averaged over heads); the ``r`` A tokens
+with the best matches are merged into them by size-weighted average. Token sizes (how many patches a
+token holds) enter later attention as proportional attention, softmax(q k^T / sqrt(d) + log(size)),
+so a merged token weighs as much as the tokens it replaced. The CLS token (position 0, in A) is
+never merged. ``r`` may exceed what one layer can merge: it is clipped to half the unprotected
+tokens, ``(N - 1) // 2``, with a warning.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+
+from layers.token_reduction.base import TokenReduction, Tokens, gather_tokens, register_token_reduction
+
+
+def tome_schedule(r: int | Sequence[int], depth: int, inflection: float = 0.0) -> list[int]:
+    """Tokens merged per layer. ``r`` an int: ``r`` at every layer, or with ``inflection`` in [-1, 1]
+    ToMe's linear schedule from ``r (1 - inflection)`` to ``r (1 + inflection)`` (the same total;
+    negative: decreasing, more merging early); ``r`` a list: one value per layer."""
+    if not -1.0 <= inflection <= 1.0:
+        raise ValueError(f"inflection must be in [-1, 1], got {inflection}")
+    if isinstance(r, (list, tuple)):
+        if len(r) != depth or inflection:
+            raise ValueError(f"r as a list needs one value per layer ({depth}) and no inflection, got {list(r)}")
+        schedule = [int(v) for v in r]
+    elif depth == 1 or not inflection:
+        schedule = [int(r)] * depth
+    else:
+        first, last = r * (1.0 - inflection), r * (1.0 + inflection)
+        schedule = [int(first + (last - first) * i / (depth - 1)) for i in range(depth)]
+    if any(v < 0 for v in schedule):
+        raise ValueError(f"r must be non-negative, got schedule {schedule}")
+    return schedule
+
+
+def clip_r(r: int, num_tokens: int) -> int:
+    """``r`` limited to half the unprotected tokens (everything but the CLS), warning when it is cut."""
+    limit = (num_tokens - 1) // 2
+    if r > limit:
+        warnings.warn(f"ToMe: r={r} exceeds half the {num_tokens - 1} unprotected tokens; merging {limit}", stacklevel=2)
+    return min(r, limit)
+
+
+class Matching:
+    """The outcome of bipartite soft matching on N tokens: A token ``src[b, i]`` joins B token
+    ``dst[b, i]``; A tokens ``unmerged`` stay. Indices are positions within A (``x[:, ::2]``) and B
+    (``x[:, 1::2]``)."""
+
+    def __init__(self, unmerged: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+        self.unmerged, self.src, self.dst = unmerged, src, dst
+
+    def merge_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> [B, N - r, C]: kept A tokens (in order, CLS first), then B tokens plus what joined them."""
+        a, b = t[:, ::2], t[:, 1::2]
+        joined = b.scatter_add(1, self.dst[..., None].expand(-1, -1, t.shape[-1]), gather_tokens(a, self.src))
+        return torch.cat([gather_tokens(a, self.unmerged), joined], dim=1)
+
+    def merge_average(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted average of merged tokens: (sum size_i x_i / sum size_i, sum size_i)."""
+        new_size = self.merge_sum(size)
+        return self.merge_sum(x * size) / new_size, new_size
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
+    """Match the ``r`` most similar A tokens to B tokens; ``metric`` [B, N, C], token 0 (CLS) protected."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)  # [B, Na, Nb] cosine similarities
+    scores[:, 0] = float("-inf")  # the CLS token never merges
+    best, best_b = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    src = order[:, :r]
+    return Matching(order[:, r:].sort(dim=-1).values, src, best_b.gather(1, src))
+
+
+def naive_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for one merge step by brute force (loops over tokens and pairs); same output order as
+    :meth:`Matching.merge_average`: kept A tokens, then B tokens."""
+    xs, sizes = [], []
+    for xb, mb, sb in zip(x, metric, size):
+        set_a, set_b = list(range(0, len(xb), 2)), list(range(1, len(xb), 2))
+        best = {}
+        for i in set_a[1:]:  # the CLS token (position 0) is protected
+            sims = [(torch.cosine_similarity(mb[i], mb[j], dim=0).item(), j) for j in set_b]
+            best[i] = max(sims)
+        merged_away = sorted(best, key=lambda i: best[i][0], reverse=True)[:r]
+        groups = [[i] for i in set_a if i not in merged_away] + [[j] + [i for i in merged_away if best[i][1] == j] for j in set_b]
+        sizes.append(torch.stack([sum(sb[i] for i in g) for g in groups]))
+        xs.append(torch.stack([sum(sb[i] * xb[i] for i in g) / sum(sb[i] for i in g) for g in groups]))
+    return torch.stack(xs), torch.stack(sizes)
+
+
+@register_token_reduction("tome")
+class ToMe(TokenReduction):
+    """Token merging after every block's attention (see module doc). ``r``: tokens merged per layer
+    (int, or a list per layer); ``inflection``: ToMe's (r, inflection) schedule; ``proportional_attention``:
+    add log(size) to attention logits; ``track_source``: keep ``last_tokens.source`` [B, N, N0], which
+    original tokens each output token holds (for visualisation)."""
+
+    def __init__(self, depth: int, r: int | list[int] = 16, inflection: float = 0.0, proportional_attention: bool = True,
+                 track_source: bool = False):
+        super().__init__()
+        self.schedule = tome_schedule(r, depth, inflection)
+        self.proportional_attention = proportional_attention
+        self.track_source = track_source
+
+    def reduces_at(self, layer: int) -> bool:
+        return self.schedule[layer] > 0
+
+    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, keys: torch.Tensor,
+               cls_attention: torch.Tensor | None) -> torch.Tensor:
+        r = clip_r(self.schedule[layer], x.shape[1])
+        if r == 0:
+            return x
+        matching = bipartite_soft_matching(keys.mean(dim=1), r)
+        size = tokens.size if tokens.size is not None else x.new_ones(*x.shape[:2], 1)
+        x, tokens.size = matching.merge_average(x, size)
+        if tokens.source is not None:
+            tokens.source = matching.merge_sum(tokens.source)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule}, proportional_attention={self.proportional_attention}"
