@@ -33,21 +33,15 @@ recursion over chunks, solved by a parallel prefix scan (:func:`affine_scan`). D
 """
 from __future__ import annotations
 
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers.linear_attention import FLA_AVAILABLE, check_backend
 from layers.mixer import Mixer, State, register_mixer
 
-FLA_AVAILABLE = importlib.util.find_spec("fla") is not None
-BACKENDS = ("auto", "torch", "fla")
 _FLA_CHUNK_DTYPES = (torch.float16, torch.bfloat16)  # fla's chunk kernels assert q.dtype != float32
-
-
-def fla_available() -> bool:
-    return FLA_AVAILABLE
 
 
 # --- the reference: a token-by-token recurrence ---------------------------------------------------
@@ -261,10 +255,7 @@ class DeltaRuleMixer(Mixer):
                  expand_v: int = 1, state_dtype: torch.dtype = torch.float32, norm_eps: float = 1e-5,
                  qkv_bias: bool = False, proj_bias: bool = False):
         super().__init__(dim, num_heads, causal)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        if backend == "fla" and not FLA_AVAILABLE:
-            raise ValueError("backend='fla' was requested but flash-linear-attention (import name fla) is not installed")
+        check_backend(backend)
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if not isinstance(conv_size, int) or isinstance(conv_size, bool) or conv_size <= 0:
@@ -308,7 +299,7 @@ class DeltaRuleMixer(Mixer):
             dtypes = _FLA_CHUNK_DTYPES + ((torch.float32,) if decoding else ())
             return FLA_AVAILABLE and x.device.type == "cuda" and x.dtype in dtypes
         if not FLA_AVAILABLE:
-            raise ValueError("backend='fla' needs flash-linear-attention (fla) installed")
+            raise ValueError("backend='fla' needs flash-linear-attention (fla) installed and EFFZOO_NO_FLA unset")
         if x.device.type != "cuda":
             raise ValueError(f"backend='fla' needs CUDA tensors, got a tensor on {x.device.type}; use backend='auto' or 'torch'")
         return True

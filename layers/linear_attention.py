@@ -41,6 +41,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import os
 import warnings
 from typing import Callable
 
@@ -50,7 +51,17 @@ from torch import nn
 
 from layers.mixer import Mixer, State, register_mixer
 
-FLA_AVAILABLE = importlib.util.find_spec("fla") is not None
+FLA_OFF_VARIABLE = "EFFZOO_NO_FLA"
+
+
+def fla_usable(environ=os.environ, find_spec=importlib.util.find_spec) -> bool:
+    """fla-core is installed and not switched off with ``EFFZOO_NO_FLA=1``. Switched off, ``backend='auto'``
+    uses the torch paths: fla's first call of a kernel at a new shape can autotune for minutes on some
+    GPU / Triton pairs (see docs/notes/gpu-findings.md)."""
+    return find_spec("fla") is not None and environ.get(FLA_OFF_VARIABLE, "") in ("", "0")
+
+
+FLA_AVAILABLE = fla_usable()  # read once at import, so torch.compile traces through the backend choice
 BACKENDS = ("auto", "torch", "fla")
 
 
@@ -300,7 +311,7 @@ def check_backend(backend: str) -> str:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "fla" and not FLA_AVAILABLE:
         raise ValueError("backend='fla' was requested but flash-linear-attention (import name fla) is not installed "
-                         "(pip install 'effzoo[fla]')")
+                         f"(pip install 'effzoo[fla]') or is switched off ({FLA_OFF_VARIABLE}=1)")
     return backend
 
 

@@ -39,12 +39,12 @@ from layers.deltanet import (
     DeltaNet,
     affine_scan,
     chunk_delta_rule,
-    fla_available,
     l2norm,
     naive_recurrent_delta_rule,
     recurrent_gated_delta_step,
 )
 from layers.gated_deltanet import naive_recurrent_gated_delta_rule
+from layers.linear_attention import fla_available
 
 FP32_TOL = 1e-5
 BF16_TOL = 3e-2

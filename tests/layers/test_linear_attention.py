@@ -394,3 +394,14 @@ def test_chunk_states_scan_matches_the_sequential_recursion(N, decay, with_S0):
     want = grad((expected * dy).sum() + (S * df).sum())
     for g, w in zip(got, want):
         assert_close(g, w)
+
+
+def test_fla_can_be_switched_off_by_environment():
+    """EFFZOO_NO_FLA=1 makes an installed fla count as absent (backend='auto' then runs the torch paths)."""
+    from layers.linear_attention import fla_usable
+
+    installed = lambda name: object() if name == "fla" else None
+    missing = lambda name: None
+    assert fla_usable({}, installed) and fla_usable({"EFFZOO_NO_FLA": "0"}, installed)
+    assert not fla_usable({"EFFZOO_NO_FLA": "1"}, installed)
+    assert not fla_usable({}, missing)
