@@ -78,7 +78,26 @@ def vit_target(name: str, meta: nn.Module, **_) -> Target:
     )
 
 
-FAMILY_TARGETS: dict[str, Callable[..., Target]] = {"lm": lm_target, "vit": vit_target}
+def timm_target(name: str, meta: nn.Module, **_) -> Target:
+    """Images [B, C, S, S] at the model's ``img_size``, beside the bare timm model (the wrapper's overhead);
+    seq_len is the image's count of 16x16 patches. Both run in eval mode: batch norm cannot train on the
+    latency regime's single image (the backward still runs, through the running statistics)."""
+    from zoo.models.timm_family import build_timm
+
+    c = meta.config
+    size = c.resolution()
+    return Target(
+        name, "model",
+        build=lambda: create_model(name).eval(),
+        peer=(f"timm/{c.timm_name}", lambda: build_timm(c).eval()),
+        inputs=lambda b, t, device, dtype: (torch.randn(b, c.in_chans, size, size, device=device, dtype=dtype),),
+        seq_lens=(max(1, (size // 16) ** 2),),
+        throughput_batch=lambda t, device: 64 if device.type == "cuda" else 8,
+        unit="images",
+    )
+
+
+FAMILY_TARGETS: dict[str, Callable[..., Target]] = {"lm": lm_target, "vit": vit_target, "timm": timm_target}
 
 MIXER_PEERS: dict[str, Callable[[layers.Mixer], tuple[str, Callable[[], nn.Module]]]] = {
     "attention": lambda m: ("SDPAAttention", lambda: SDPAAttention(m.dim, m.num_heads, rope=m.rope)),

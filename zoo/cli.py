@@ -1,4 +1,4 @@
-"""The ``zoo`` command: list, info, train, eval, bench, reproduce."""
+"""The ``zoo`` command: list, info, train, eval, sample, bench, reproduce."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,13 @@ def cmd_eval(args) -> None:
     from zoo.evaluate import evaluate_checkpoint
 
     _print_json(evaluate_checkpoint(args.run_dir, args.overrides))
+
+
+def cmd_sample(args) -> None:
+    from zoo.sampling import sample_checkpoint
+
+    path = sample_checkpoint(args.run_dir, args.n, args.steps, args.scheduler, args.guidance, args.out, args.seed, args.device)
+    print(f"samples written to {path}")
 
 
 def cmd_bench(args) -> None:
@@ -104,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="sample a grid of images from a diffusion run folder or checkpoint folder")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--scheduler", default="dpm", help="ddim, dpm or ddpm")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="latency/throughput/memory/FLOPs of models or mixers, beside their peer")
     p.add_argument("names", nargs="+")

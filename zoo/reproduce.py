@@ -13,8 +13,10 @@ import json
 import os
 import queue
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -539,3 +541,157 @@ def moe_vs_dense(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str,
     (out_dir / "moe-vs-dense.md").write_text("# MoE vs dense at equal active parameters\n\n" + table + failures_markdown(records))
     return {"runs": results, "failed": [r for r in records if r["status"] != "ok"], "passed": passed,
             "results": str(out_dir / RESULTS), "table": str(out_dir / "moe-vs-dense.md")}
+
+
+# --- Token reduction off the shelf (ToMe, EViT, DynamicViT): configs/reproduce/tome.yaml ---------------------
+
+
+class TomeGrid(Strict):
+    steps: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    eval_examples: PositiveInt
+    throughput_batch: PositiveInt
+    repeats: PositiveInt
+    mixers: list[str] | None = None  # unused: one model is trained
+
+
+class PaperFigure(Strict):
+    method: str
+    baseline_top1: float | None
+    top1: float | None
+    baseline_img_s: float | None
+    img_s: float | None
+
+
+class TomeSweep(Sweep):
+    methods: dict[str, dict[str, Any] | None]  # label -> token_reduction spec applied at eval (None: baseline)
+    primary: str
+    max_drop: float
+    paper: list[PaperFigure] = []
+    mixers: dict[str, Any] = {}
+    full: TomeGrid
+    quick: TomeGrid
+
+    @model_validator(mode="after")
+    def _primary_and_baseline(self):
+        missing = sorted({"baseline", self.primary} - set(self.methods))
+        if missing:
+            raise ValueError(f"methods: needs {', '.join(missing)} (primary: {self.primary}); has {', '.join(self.methods)}")
+        return self
+
+
+def with_reduction(trained: torch.nn.Module, spec: dict[str, Any] | None) -> torch.nn.Module:
+    """``trained``'s weights in a model with token reduction ``spec``; only the method's own parameters
+    (DynamicViT's score predictor) stay as initialised."""
+    config = trained.config_class.model_validate({**trained.config.model_dump(), "token_reduction": spec})
+    model = type(trained)(config, name=trained.model_name)
+    missing, unexpected = model.load_state_dict(trained.state_dict(), strict=False)
+    stray = [k for k in [*missing, *unexpected] if not k.startswith("token_reduction.")]
+    if stray:
+        raise ValueError(f"token_reduction {spec} changes weights beyond its own: {', '.join(stray)}")
+    return model.eval()
+
+
+def tome_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, bool]:
+    """(top-1 %, whether ToMe clipped r) of ``model`` on ``images``."""
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        predictions = torch.cat([model(x).argmax(dim=-1) for x in images.split(batch)])
+    clipped = any("ToMe: r=" in str(w.message) for w in caught)
+    return 100.0 * (predictions == labels).float().mean().item(), clipped
+
+
+def side_by_side_throughput(models: dict[str, torch.nn.Module], images: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Images/s of each model (inference, no autograd) on one batch, timed in turns so drift hits all alike."""
+    times: dict[str, list[float]] = {label: [] for label in models}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ToMe's clipping is reported by tome_accuracy
+        for model in models.values():  # warm up
+            model(images)
+        for _ in range(repeats):
+            for label, model in models.items():
+                start = time.perf_counter()
+                model(images)
+                times[label].append(time.perf_counter() - start)
+    return {label: len(images) / statistics.median(t) for label, t in times.items()}
+
+
+@register_reproduction("tome")
+def tome(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
+    """Train one ViT without reduction, then top-1 and images/s with each method of the sweep applied at eval;
+    passes when the ``primary`` method is faster than the baseline and loses at most ``max_drop`` points."""
+    from zoo.data import create_dataset
+    from zoo.models.base import load_pretrained
+    from zoo.train import latest_checkpoint
+
+    if options.mixers:
+        raise ValueError("tome compares token reductions, not mixers: --mixers does not apply")
+    sweep = load_sweep("tome", TomeSweep)
+    grid = sweep.grid(quick, options)
+    params = dict(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr)
+    overrides = [f"train.steps={grid.steps}", f"train.batch_size={grid.batch_size}", f"train.lr={grid.lr}",
+                 f"train.warmup_steps={max(1, grid.steps // 10)}", f"train.eval_every={grid.steps}", *sweep.overrides]
+    [record] = run_sweep([Run({"mixer": "attention", **params}, sweep.base_path, overrides)], out_dir, options)
+    if record["status"] != "ok":
+        raise RuntimeError(f"training failed: {record['error']}")
+    trained = load_pretrained(latest_checkpoint(record["run_dir"]))
+    data = load_config(sweep.base_path).data
+    val = create_dataset(data.name, "val", **{**data.kwargs(), "num_examples": grid.eval_examples})
+    images = torch.stack([val[i]["image"] for i in range(len(val))])
+    labels = torch.stack([val[i]["label"] for i in range(len(val))])
+
+    models = {label: with_reduction(trained, spec) for label, spec in sweep.methods.items()}
+    speed = side_by_side_throughput(models, images[:grid.throughput_batch], grid.repeats)
+    rows = []
+    for label, model in models.items():
+        top1, clipped = tome_accuracy(model, images, labels, grid.throughput_batch)
+        rows.append({"method": label, "token_reduction": sweep.methods[label], "top1": top1, "clipped": clipped,
+                     "images_per_s": speed[label], "speedup": speed[label] / speed["baseline"]})
+    base = next(r for r in rows if r["method"] == "baseline")
+    primary = next(r for r in rows if r["method"] == sweep.primary)
+    passed = primary["speedup"] > 1.0 and base["top1"] - primary["top1"] <= sweep.max_drop
+    (out_dir / "tome.md").write_text(tome_markdown(rows, base, sweep.paper, trained.model_name, grid))
+    plot_tome(rows, out_dir / "tome.png")
+    return {"model": trained.model_name, **params, "rows": rows, "paper": [p.model_dump() for p in sweep.paper],
+            "baseline_top1": base["top1"], "primary": sweep.primary, "primary_top1": primary["top1"],
+            "primary_speedup": primary["speedup"], "passed": passed, "table": str(out_dir / "tome.md"),
+            "plot": str(out_dir / "tome.png"), "run_dir": record["run_dir"]}
+
+
+def tome_markdown(rows: list[dict[str, Any]], base: dict[str, Any], paper: list[PaperFigure], model: str, grid: TomeGrid) -> str:
+    ours = [f"| {r['method']} | {'yes' if r['clipped'] else ''} | {r['top1']:.2f} | {r['top1'] - base['top1']:+.2f} | "
+            f"{r['images_per_s']:.0f} | {r['speedup']:.2f}x |" for r in rows]
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+    published = [f"| {p.method} | {fmt(p.baseline_top1, '.2f')} -> {fmt(p.top1, '.2f')} | "
+                 f"{fmt(p.baseline_img_s, '.0f')} -> {fmt(p.img_s, '.0f')} |" for p in paper]
+    return (f"# Token reduction off the shelf: {model} on shapes ({grid.steps} steps), reduction applied at eval\n\n"
+            f"Throughput: batch {grid.throughput_batch}, inference, median of {grid.repeats} turns, all methods "
+            f"timed side by side in one process. Clipped: ToMe's r exceeded half the tokens at some layer.\n\n"
+            "| method | r clipped | top-1 % | vs baseline | images/s | speedup |\n|---|---|---|---|---|---|\n"
+            + "\n".join(ours) + "\n\n## Published (ImageNet-1k)\n\n| method | top-1 % (baseline -> reduced) | images/s |\n"
+            "|---|---|---|\n" + "\n".join(published) + "\n")
+
+
+def plot_tome(rows: list[dict[str, Any]], path: Path) -> None:
+    """Top-1 vs images/s, one line per method family (the baseline a star)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    families: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["token_reduction"] is not None:
+            families.setdefault(r["token_reduction"]["name"], []).append(r)
+    for family, members in families.items():
+        ax.plot([r["images_per_s"] for r in members], [r["top1"] for r in members], marker="o", label=family)
+        for r in members:
+            ax.annotate(r["method"].split("-", 1)[-1], (r["images_per_s"], r["top1"]), fontsize=6)
+    base = next(r for r in rows if r["method"] == "baseline")
+    ax.plot([base["images_per_s"]], [base["top1"]], marker="*", markersize=12, linestyle="", color="k", label="baseline")
+    ax.set(xlabel="images/s", ylabel="top-1 %", title="token reduction off the shelf")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -169,6 +169,8 @@ VIT_SIZES: dict[str, dict[str, Any]] = {
 # vit-<size>-<variant>: the attention-mixers issue's mixers that can mix bidirectionally
 VIT_MIXER_VARIANTS: dict[str, Any] = {
     "linear": "linear",
+    # EfficientViT (Cai et al. 2023): ReLU linear attention
+    "relu-linear": {"name": "linear", "feature_map": "relu"},
     "sliding-window": "sliding_window",
     "block-sparse": "block_sparse",
     "nystromformer": {"name": "nystromformer", "num_landmarks": 32},

@@ -1,0 +1,107 @@
+"""Denoising diffusion training in pixel space (DDPM, Ho et al. 2020): noise the images with diffusers'
+``DDPMScheduler`` at a uniform random timestep and regress the noise (``epsilon``) or the velocity
+(``v_prediction``, Salimans & Ho 2022) with an MSE. Class-conditioned models see the batch labels, dropped to
+``model.null_class`` with probability ``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from layers.registry import close_matches
+from zoo.data.images import IMAGENET_MEAN, IMAGENET_STD, SHAPES_MEAN, SHAPES_STD
+from zoo.models.diffusion import DiffusionBackbone
+from zoo.tasks.base import Task, register_task
+
+# the task's beta schedule names -> diffusers' ``beta_schedule``
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+PREDICTIONS = ("epsilon", "v_prediction")
+# per-channel (mean, std) the dataset normalised its images with; "none": images already in [0, 1]
+NORMALIZATIONS = {
+    "shapes": (SHAPES_MEAN, SHAPES_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+EVAL_SEED = 0  # evaluation draws its noise and timesteps from this seed: comparable val losses across steps
+
+
+def _check_choice(option: str, value: str, choices) -> None:
+    if value not in choices:
+        matches = close_matches(value, choices)
+        hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
+        raise ValueError(f"unknown {option} {value!r}.{hint} Choices: {', '.join(choices)}")
+
+
+@register_task("diffusion")
+class Diffusion(Task):
+    """MSE between the model's prediction (the first ``C`` output channels: DiT's learned-sigma half is left out)
+    and the target for images mapped to [-1, 1]. Metrics: ``loss``, ``count`` (images)."""
+
+    def __init__(self, prediction: str = "epsilon", beta_schedule: str = "linear", num_train_timesteps: int = 1000,
+                 cond_dropout: float = 0.1, normalization: str = "shapes"):
+        _check_choice("prediction", prediction, PREDICTIONS)
+        _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        _check_choice("normalization", normalization, NORMALIZATIONS)
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
+        from diffusers import DDPMScheduler  # imported here: diffusers is slow to import
+
+        self.prediction, self.cond_dropout = prediction, cond_dropout
+        self.noise_config = {"num_train_timesteps": num_train_timesteps, "beta_schedule": BETA_SCHEDULES[beta_schedule],
+                             "prediction_type": prediction}
+        self.scheduler = DDPMScheduler(**self.noise_config)
+        mean, std = NORMALIZATIONS[normalization]
+        self.mean, self.std = (torch.tensor(np.asarray(v, dtype=np.float32))[:, None, None] for v in (mean, std))
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Dataset-normalised images -> pixels in [-1, 1]."""
+        return 2 * (images * self.std.to(images.device) + self.mean.to(images.device)) - 1
+
+    def drop_labels(self, labels: torch.Tensor, null_class: int) -> torch.Tensor:
+        """Each label replaced by ``null_class`` with probability ``cond_dropout``."""
+        drop = torch.rand(labels.shape, device=labels.device) < self.cond_dropout
+        return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+    def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the model regresses: the noise, or ``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0``."""
+        if self.prediction == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(clean, noise, timesteps)
+
+    def objective(self, model, batch, with_metrics=True):
+        clean = self.to_model_space(batch["image"])
+        # training draws from the global RNG (seeded and checkpointed by the trainer); evaluation from a fixed seed
+        generator = None if model.training else torch.Generator(clean.device).manual_seed(EVAL_SEED)
+        noise = torch.randn(clean.shape, device=clean.device, generator=generator)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device,
+                                  generator=generator)
+        noisy = self.scheduler.add_noise(clean, noise, timesteps)
+        cond = None
+        if model.cond_kind is not None:
+            cond = self.drop_labels(batch["label"], model.null_class) if model.training else batch["label"]
+        prediction = model(noisy, timesteps, cond)[:, : clean.shape[1]]
+        loss = F.mse_loss(prediction.float(), self.target(clean, noise, timesteps).float())
+        if not with_metrics:
+            return loss, {}
+        return loss, {"loss": loss.detach(), "count": clean.shape[0]}
+
+    def check_data(self, model, dataset):
+        if not isinstance(model, DiffusionBackbone):
+            raise ValueError(f"the diffusion task needs a diffusion model (unet, dit, uvit), got {type(model).__name__}")
+        if model.cond_kind is not None and model.null_class is None:
+            raise ValueError(f"{model.model_name} is conditioned on {model.cond_kind}; the diffusion task supports "
+                             "class-conditioned and unconditional models only")
+        item = dataset[0]
+        shape = tuple(item["image"].shape)
+        if shape != tuple(model.sample_shape):
+            raise ValueError(f"the dataset's images have shape (channels, height, width) {shape} but the model's "
+                             f"sample_shape is {tuple(model.sample_shape)}")
+        if model.cond_kind is None:
+            return
+        if "label" not in item:
+            raise ValueError(f"{model.model_name} is class-conditioned but the dataset's items have no 'label'")
+        classes = getattr(dataset, "num_classes", None)
+        if classes is not None and classes > model.null_class:
+            raise ValueError(f"the dataset has {classes} classes but {model.model_name} has room for {model.null_class} "
+                             f"(label {model.null_class} is the null class)")
