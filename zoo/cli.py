@@ -45,7 +45,8 @@ def cmd_eval(args) -> None:
 def cmd_sample(args) -> None:
     from zoo.sampling import sample_checkpoint
 
-    path = sample_checkpoint(args.run_dir, args.n, args.steps, args.scheduler, args.guidance, args.out, args.seed, args.device)
+    path = sample_checkpoint(args.run_dir, args.n, args.steps, args.scheduler, args.guidance, args.out, args.seed,
+                             args.device, args.ema)
     print(f"samples written to {path}")
 
 
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample with the EMA weights (--no-ema: the raw weights; default: the EMA when the checkpoint has one)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="latency/throughput/memory/FLOPs of models or mixers, beside their peer")

@@ -55,6 +55,17 @@ class TrainConfig(BaseModel):
     compile: bool = False
     num_workers: int = 0
     progress: bool = True
+    # EMA of the weights (kept in fp32, saved as ema.safetensors): ema = d * ema + (1 - d) * weights after each
+    # optimizer step; ema_warmup ramps d as min(ema_decay, (1 + n) / (10 + n)) over the first steps n
+    ema_decay: float | None = None
+    ema_warmup: bool = False
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _unit_interval(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999), got {v}")
+        return v
 
     @field_validator("warmup_steps", "num_workers")
     @classmethod

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import yaml
@@ -695,3 +695,106 @@ def plot_tome(rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# --- Diffusion backbone sizes (BK-SDM, Kim et al. 2023; DiT, Peebles & Xie 2023): configs/reproduce/bk-sdm-sizes.yaml ---
+
+
+# the ops of convolutions and linear layers (what thop counts); the rest of the counter's ops are attention products
+WEIGHT_LAYER_OPS = frozenset({"aten.convolution", "aten.addmm", "aten.mm"})
+
+
+class PublishedSize(Strict):
+    model: str
+    paper: str
+    params_m: PositiveFloat
+    params_rounded: str | None = None
+    macs_g: PositiveFloat
+    counted: Literal["all", "weight-layers"]
+
+
+class SizesSpec(Strict):
+    """A reproduction that trains nothing: the models, their published sizes and the tolerances."""
+
+    param_tolerance: PositiveFloat
+    macs_tolerance: PositiveFloat
+    text_tokens: PositiveInt
+    models: list[PublishedSize]
+    quick: list[str]
+
+    @model_validator(mode="after")
+    def _quick_subset(self):
+        unknown = sorted(set(self.quick) - {m.model for m in self.models})
+        if unknown:
+            raise ValueError(f"quick: {', '.join(unknown)} not among the models")
+        return self
+
+
+def forward_macs(model: torch.nn.Module, text_tokens: int) -> dict[str, float]:
+    """MACs (FLOPs / 2) of one batch-1 forward of a diffusion backbone built on the meta device, by op name.
+
+    Runs ``predict`` (the input checks read label values, which meta tensors have none of)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from zoo.bench import CPU_SDPA_FLOPS
+
+    with torch.device("meta"):
+        sample = torch.zeros(1, *model.sample_shape)
+        text = getattr(model.config, "cross_attention_dim", None)
+        cond = torch.zeros(1, text_tokens, text) if text else torch.zeros(1, dtype=torch.long)
+        timesteps = torch.zeros(1)
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter, torch.no_grad():
+        model.predict(sample, timesteps, cond)
+    return {str(op): flops / 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
+def size_row(entry: PublishedSize, spec: SizesSpec) -> dict[str, Any]:
+    """Our parameter count and MACs of ``entry.model`` beside the published ones."""
+    from zoo.registry import create_model
+
+    with torch.device("meta"):
+        model = create_model(entry.model).eval()
+    macs = forward_macs(model, spec.text_tokens)
+    total = sum(macs.values())
+    weight_layers = sum(v for op, v in macs.items() if op in WEIGHT_LAYER_OPS)
+    compared = {"all": total, "weight-layers": weight_layers}[entry.counted]
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    params_err = params_m / entry.params_m - 1
+    macs_err = compared / 1e9 / entry.macs_g - 1
+    return {**entry.model_dump(), "our_params_m": params_m, "params_rel_err": params_err,
+            "our_macs_g_all": total / 1e9, "our_macs_g_weight_layers": weight_layers / 1e9,
+            "our_macs_g": compared / 1e9, "macs_rel_err": macs_err,
+            "passed": abs(params_err) <= spec.param_tolerance and abs(macs_err) <= spec.macs_tolerance}
+
+
+@register_reproduction("bk-sdm-sizes")
+def bk_sdm_sizes(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
+    """Parameters and MACs of the SD-1.5 / BK-SDM U-Nets and DiT-S..XL/2 against their papers (meta device,
+    no weights allocated); passes when every count is within the sweep file's tolerances."""
+    path = SWEEPS / "bk-sdm-sizes.yaml"
+    try:
+        spec = SizesSpec.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as e:
+        raise ValueError(f"invalid {path}: {describe_errors(e)}") from None
+    if options.steps or options.lrs or options.mixers or options.grid:
+        raise ValueError("bk-sdm-sizes trains nothing: --steps, --lrs, --mixers and --grid do not apply")
+    entries = [m for m in spec.models if not quick or m.model in spec.quick]
+    rows = [size_row(entry, spec) for entry in entries]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sizes.md").write_text(sizes_markdown(rows, spec))
+    return {"rows": rows, "models": len(rows), "failed": [r["model"] for r in rows if not r["passed"]],
+            "passed": all(r["passed"] for r in rows), "table": str(out_dir / "sizes.md")}
+
+
+def sizes_markdown(rows: list[dict[str, Any]], spec: SizesSpec) -> str:
+    lines = [f"| {r['model']} | {r['paper']} | {r['our_params_m']:.1f} | {r['params_m']:g}"
+             + (f" ({r['params_rounded']})" if r["params_rounded"] else "") + f" | {r['params_rel_err']:+.2%} | "
+             f"{r['our_macs_g_all']:.2f} | {r['our_macs_g_weight_layers']:.2f} | {r['macs_g']:g} ({r['counted']}) | "
+             f"{r['macs_rel_err']:+.2%} | {'yes' if r['passed'] else 'NO'} |" for r in rows]
+    return ("# Diffusion backbone sizes vs published (batch 1, one forward; MACs = FLOPs / 2)\n\n"
+            f"Tolerances: params {spec.param_tolerance:.0%}, MACs {spec.macs_tolerance:.0%}. U-Nets: 64x64x4 latent, "
+            f"text states 1x{spec.text_tokens}x768; DiT: 32x32x4 latent (256x256 images). MACs counted on the meta "
+            "device by torch's FlopCounterMode. 'weight layers' = convolutions + linear layers only, as thop counts "
+            "(BK-SDM's numbers); 'all' adds the attention products Q K^T and A V (DiT's Gflops, multiply-adds).\n\n"
+            "| model | paper | params M | published M | diff | GMACs all | GMACs weight layers | published GMACs "
+            "(counted) | diff | passed |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")

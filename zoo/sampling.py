@@ -95,12 +95,15 @@ def save_grid(images: torch.Tensor, path: str | Path) -> Path:
 
 
 def sample_checkpoint(path: str | Path, n: int, steps: int, scheduler: str = "ddim", guidance: float = 1.0,
-                      out: str | Path | None = None, seed: int = 0, device: str = "auto") -> Path:
+                      out: str | Path | None = None, seed: int = 0, device: str = "auto", ema: bool | None = None) -> Path:
     """Sample from the checkpoint at ``path`` (a run folder: its latest) with the run's noise schedule and write
-    the grid to ``out`` (default: ``samples.png`` in ``path``)."""
+    the grid to ``out`` (default: ``samples.png`` in ``path``).
+
+    ``ema``: None (default) samples with the EMA weights when the checkpoint has them (they usually give better
+    images), else the raw weights; True requires the EMA weights (ValueError if absent); False the raw weights.
+    """
     from zoo.checkpoint import read_json
-    from zoo.evaluate import resolve_checkpoint
-    from zoo.models.base import load_pretrained
+    from zoo.evaluate import load_checkpoint_model, resolve_checkpoint
     from zoo.tasks import create_task
     from zoo.train import resolve_device
 
@@ -110,7 +113,7 @@ def sample_checkpoint(path: str | Path, n: int, steps: int, scheduler: str = "dd
     if not isinstance(task, Diffusion):
         raise ValueError(f"{folder} was trained with task {task_spec['name']!r}, not diffusion: it cannot be sampled")
     torch_device = resolve_device(device)
-    model = load_pretrained(folder, device=torch_device)
+    model = load_checkpoint_model(folder, torch_device, ema)
     generator = torch.Generator(torch_device).manual_seed(seed)
     images = sample(model, n, steps, scheduler, guidance, generator=generator, task=task)
     return save_grid(images, out if out is not None else Path(path) / "samples.png")

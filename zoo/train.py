@@ -1,11 +1,13 @@
 """One training loop for every task: AdamW, warmup + cosine, clipping, accumulation, autocast,
-optional ``torch.compile``, periodic evaluation, a JSONL log and atomic, exactly-resumable checkpoints.
+optional ``torch.compile``, an optional EMA of the weights, periodic evaluation, a JSONL log and atomic,
+exactly-resumable checkpoints.
 
 Data order is a pure function of (seed, samples consumed): the stream is the concatenation of
 per-epoch permutations, so resuming only needs the count of samples already used.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from zoo.checkpoint import atomic_write, load_tensors, read_json, save_tensors, write_json
+from zoo.checkpoint import atomic_write, load_module, load_tensors, read_json, save_module, save_tensors, write_json
 from zoo.config import RunConfig
 from zoo.data import create_dataset
 from zoo.models.base import ZooModel, load_weights
@@ -30,6 +32,7 @@ from zoo.tasks import Task, create_task
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+EMA_FILE = "ema.safetensors"
 
 
 # --- environment -------------------------------------------------------------------------------
@@ -140,6 +143,39 @@ def lr_factor(step: int, cfg) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class EMA:
+    """An fp32 exponential moving average of a model's parameters, kept as a frozen copy of the model
+    (``self.module``, ready to evaluate); buffers are copied as they are.
+
+    After update ``n`` (1-based): ``ema = d * ema + (1 - d) * param`` with ``d = decay``, or with ``warmup``
+    ``d = min(decay, (1 + n) / (10 + n))`` so that short runs are not dominated by the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup = decay, warmup
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        for p in self.module.parameters():
+            p.data = p.data.float()
+
+    def decay_at(self, n: int) -> float:
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, n: int) -> None:
+        """Move the average toward ``model``'s weights after optimizer step ``n`` (1-based)."""
+        ema_params = list(self.module.parameters())
+        params = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(n))
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def save(self, path: Path) -> Path:
+        return save_module(path, self.module, metadata={"format": "pt", "ema_decay": str(self.decay)})
+
+    def load(self, path: Path) -> None:
+        load_module(path, self.module, what="EMA")
+
+
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
@@ -196,13 +232,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 
 def save_checkpoint(out_dir: Path, step: int, model: ZooModel, optimizer, scheduler, consumed: int, run: RunConfig,
-                    metrics: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder under a temporary name, rename it into place, then move ``latest``."""
+                    metrics: dict[str, Any] | None = None, ema: EMA | None = None) -> Path:
+    """Write a checkpoint folder (with ``ema.safetensors`` when ``ema`` is given) under a temporary name,
+    rename it into place, then move ``latest``."""
     root = out_dir / CHECKPOINTS
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, extra={"run": run.model_dump(), "step": step, "metrics": metrics or {}})
+    if ema is not None:
+        ema.save(tmp / EMA_FILE)
     opt_tensors, opt_plain = optimizer_state(optimizer)
     rng_tensors, rng_plain = rng_state()
     save_tensors(tmp / "trainer_state.safetensors", {**opt_tensors, **rng_tensors})
@@ -276,6 +315,12 @@ def train(run: RunConfig) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(tensors, state["rng"])
         start_step, consumed = state["step"], state["consumed"]
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay is not None else None
+    if ema is not None and resume_from is not None:
+        if not (resume_from / EMA_FILE).is_file():
+            raise ValueError(f"train.ema_decay is set but {resume_from} holds no {EMA_FILE} (the run was trained "
+                             "without EMA): resume without train.ema_decay, or start a new run")
+        ema.load(resume_from / EMA_FILE)
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,8 +334,14 @@ def train(run: RunConfig) -> dict[str, Any]:
     samples_per_step = cfg.batch_size * cfg.grad_accum * rank_and_world()[1]
 
     def evaluate(step: int) -> dict[str, Any]:
+        """Validation metrics of the model, and of its EMA (prefixed ``ema_``) when there is one."""
+        def metrics_of(module: nn.Module) -> dict[str, Any]:
+            return task.evaluate(module, (to_device(b, device) for b in eval_batches(val_set, eval_size)), cfg.eval_batches)
+
         with autocast():
-            metrics = task.evaluate(forward_model, (to_device(b, device) for b in eval_batches(val_set, eval_size)), cfg.eval_batches)
+            metrics = metrics_of(forward_model)
+            if ema is not None:
+                metrics.update({f"ema_{k}": v for k, v in metrics_of(ema.module).items() if k != "count"})
         log.write({"step": step, "split": "val", **metrics})
         return {"step": step, **metrics}
 
@@ -315,6 +366,8 @@ def train(run: RunConfig) -> dict[str, Any]:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if ema is not None:
+            ema.update(model, done)
         if log_now:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             steps_since, last_logged = done - last_logged, done
@@ -326,6 +379,6 @@ def train(run: RunConfig) -> dict[str, Any]:
         if done % cfg.eval_every == 0 or done == cfg.steps:
             last_eval = evaluate(done)
         if is_main and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
-            save_checkpoint(out_dir, done, model, optimizer, scheduler, consumed, run, metrics={"val": last_eval})
+            save_checkpoint(out_dir, done, model, optimizer, scheduler, consumed, run, metrics={"val": last_eval}, ema=ema)
     progress.close()
     return last_eval

@@ -1,0 +1,187 @@
+"""Training-free U-Net acceleration (``zoo.acceleration``): DeepCache and ToMe-SD.
+
+Random-initialised models, so cached / merged outputs are only checked to stay within the tolerances observed
+here (relative L2 errors), and the exact cases (``interval=1``, ``ratio=0``) to atol 0.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+import zoo.models.diffusion  # noqa: F401  (registers the diffusion families)
+from zoo.acceleration import applied, deepcache, remove, tome_sd
+from zoo.sampling import sample
+
+# Stable Diffusion's layout (cross-attention at 32x32, plain 16x16 stage, cross-attention mid block), toy width
+TINY_SD = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=32, cross_attention_dim=32,
+               norm_num_groups=8)
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def pixel_unet():
+    torch.manual_seed(0)
+    return zoo.create_model("unet-tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def text_unet():
+    torch.manual_seed(0)
+    return zoo.create_model("unet-sd15", **TINY_SD).eval()
+
+
+def inputs(model, batch=2, generator_seed=0):
+    g = torch.Generator().manual_seed(generator_seed)
+    x = torch.randn(batch, *model.sample_shape, generator=g)
+    cond = (torch.arange(batch) if model.cond_kind == "class labels"
+            else torch.randn(batch, 7, model.config.cross_attention_dim, generator=g))
+    return x, cond
+
+
+# --- DeepCache ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["pixel_unet", "text_unet"])
+def test_deepcache_interval_1_is_exact(which, request):
+    model = request.getfixturevalue(which)
+    x, cond = inputs(model)
+    ref = model(x, 500, cond)
+    with deepcache(model, interval=1, branch=0):
+        for t in (900, 500, 100):  # every call is a full step
+            assert torch.equal(model(x, t, cond), model.unet(x, torch.full((2,), float(t)), **{model.cond_arg: cond}).sample)
+        assert torch.equal(model(x, 500, cond), ref)
+    assert not applied(model) and torch.equal(model(x, 500, cond), ref)
+
+
+@torch.no_grad()
+def test_deepcache_sampling(pixel_unet):
+    """6 DDIM steps with interval 3: steps 0 and 3 are full (exact), 1, 2, 4, 5 reuse the deep features."""
+    model = pixel_unet
+    calls = []
+    record = model.register_forward_hook(lambda module, args, out: calls.append((args, out.clone())))
+    deep = [0]
+    counters = [m.register_forward_hook(lambda *_: deep.__setitem__(0, deep[0] + 1))
+                for m in (model.unet.mid_block, *model.unet.down_blocks[1:], *model.unet.up_blocks[:-1])]
+    try:
+        with deepcache(model, interval=3, branch=0):
+            cached_images = sample(model, 2, 6, generator=torch.Generator().manual_seed(0))
+    finally:
+        for hook in (record, *counters):
+            hook.remove()
+    deep_blocks = len(counters)
+    assert len(calls) == 6 and deep[0] == 2 * deep_blocks  # 6 calls, deep blocks on the 2 full steps only
+    previous_full = None
+    for step, (args, out) in enumerate(calls):
+        ref = model(*args)
+        if step % 3 == 0:
+            assert torch.equal(out, ref)
+            previous_full = out
+        else:
+            error = relative_error(out, ref)
+            # observed 0.22-0.60 on this random-initialised model; reusing the last full step's prediction as
+            # is (no shallow recomputation) is worse (observed 0.46-1.12)
+            assert 0 < error < 0.75
+            assert error < relative_error(previous_full, ref)
+    images = sample(model, 2, 6, generator=torch.Generator().manual_seed(0))
+    # the trajectories part after step 1 (observed mean |difference| 0.22 in [0, 1]: random weights amplify it)
+    assert cached_images.shape == images.shape and not torch.equal(cached_images, images)
+
+
+@torch.no_grad()
+def test_deepcache_text_unet_counts_and_restarts(text_unet):
+    model = text_unet
+    x, cond = inputs(model)
+    mid = []
+    hook = model.unet.mid_block.register_forward_hook(lambda *_: mid.append(1))
+    try:
+        with deepcache(model, interval=2, branch=0) as cache:
+            outs = [model(x, t, cond) for t in (900, 700, 500, 300)]
+            assert len(mid) == 2 and cache.calls == 4
+            assert torch.equal(model(x, 900, cond), outs[0])  # a rising timestep restarts with a full step
+    finally:
+        hook.remove()
+    assert torch.equal(outs[2], model(x, 500, cond)) and not torch.equal(outs[1], model(x, 700, cond))
+    assert relative_error(outs[1], model(x, 700, cond)) < 0.5
+
+
+def test_deepcache_errors(pixel_unet):
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="interval"):
+            deepcache(pixel_unet, interval=bad)
+    with pytest.raises(ValueError, match="branch"):
+        deepcache(pixel_unet, branch=3)
+    with deepcache(pixel_unet):
+        with pytest.raises(ValueError, match="already applied"):
+            deepcache(pixel_unet)
+    with pytest.raises(ValueError, match="DiffusionUNet"):
+        deepcache(zoo.create_model("dit-s2", depth=1, dim=32, num_heads=2, input_size=8))
+
+
+# --- ToMe-SD ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_tome_sd_ratio_0_is_exact_and_removable(text_unet):
+    model = text_unet
+    x, cond = inputs(model)
+    ref = model(x, 500, cond)
+    with tome_sd(model, ratio=0.0):
+        assert torch.equal(model(x, 500, cond), ref)
+    handle = tome_sd(model, ratio=0.5)
+    assert not torch.equal(model(x, 500, cond), ref)
+    remove(model)
+    assert not applied(model) and torch.equal(model(x, 500, cond), ref)
+    handle.remove()  # removing twice is harmless
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("use_rand", [True, False])
+def test_tome_sd_merges_half(text_unet, use_rand):
+    model = text_unet
+    x, cond = inputs(model)
+    ref = model(x, 500, cond)
+    sizes = []
+    hooks = [b.attn1.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[1]))
+             for b in model.unet.modules() if type(b).__name__ == "BasicTransformerBlock"]
+    torch.manual_seed(0)
+    try:
+        with tome_sd(model, ratio=0.5, use_rand=use_rand):
+            out = model(x, 500, cond)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # 32x32 blocks (downsample 1) attend over 1024 - 512 tokens; the 16x16 mid block (downsample 2) is untouched
+    assert sorted(set(sizes)) == [256, 512]
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert 0 < relative_error(out, ref) < 0.2  # observed ~0.07
+    with tome_sd(model, ratio=0.5, max_downsample=2, merge_crossattn=True, merge_mlp=True):
+        assert relative_error(model(x, 500, cond), ref) < 0.4
+
+
+@torch.no_grad()
+def test_tome_sd_composes_with_deepcache(text_unet):
+    model = text_unet
+    x, cond = inputs(model)
+    with deepcache(model, interval=2), tome_sd(model, ratio=0.5):
+        full, cached = model(x, 900, cond), model(x, 800, cond)
+        assert len(applied(model)) == 2
+    assert not applied(model)
+    assert full.shape == cached.shape == x.shape
+    assert relative_error(full, model(x, 900, cond)) < 0.2
+
+
+def test_tome_sd_errors(text_unet, pixel_unet):
+    for bad in (-0.1, 1.0, 2):
+        with pytest.raises(ValueError, match="ratio"):
+            tome_sd(text_unet, ratio=bad)
+    with pytest.raises(ValueError, match="sx"):
+        tome_sd(text_unet, sx=0)
+    with pytest.raises(ValueError, match="transformer blocks"):
+        tome_sd(pixel_unet)
+    assert not applied(text_unet)

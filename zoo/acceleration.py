@@ -1,0 +1,302 @@
+"""Training-free acceleration of the zoo's diffusers U-Nets (:class:`zoo.models.diffusion.DiffusionUNet`).
+
+- :func:`deepcache` (DeepCache, Ma et al. 2024): every ``interval``-th denoising step runs the whole U-Net and
+  caches the input of the up block at depth ``branch``; the steps between run only down blocks ``0..branch``
+  and the up blocks from that depth on, reusing the cached deep features.
+- :func:`tome_sd` (ToMe for Stable Diffusion, Bolya & Hoffman 2023): in transformer blocks at downsample
+  factors ``<= max_downsample``, ``ratio`` of the tokens are merged into destination tokens (one per
+  ``sy x sx`` cell of the feature map) before self-attention and copied back after it.
+
+Both patch one model instance (never diffusers' classes), compose, and return an :class:`Acceleration`
+handle: undo it with ``handle.remove()``, by using it as a context manager, or with :func:`remove`.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import torch
+
+from layers.token_reduction.base import gather_tokens
+from zoo.models.diffusion import DiffusionUNet
+
+class Acceleration:
+    """A patch applied to ``model``; ``remove()`` (or leaving a ``with`` block) undoes it."""
+
+    def __init__(self, model: DiffusionUNet):
+        if not isinstance(model, DiffusionUNet):
+            raise ValueError(f"model must be a zoo U-Net (DiffusionUNet), got {type(model).__name__}")
+        if any(type(h) is type(self) for h in applied(model)):
+            raise ValueError(f"{type(self).__name__} is already applied to {model.model_name}; remove it first")
+        self.model = model
+
+    def _register(self) -> None:
+        self.model._accelerations = [*applied(self.model), self]
+
+    def remove(self) -> None:
+        if self in applied(self.model):
+            self._undo()
+            self.model._accelerations = [h for h in applied(self.model) if h is not self]
+
+    def _undo(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __enter__(self) -> "Acceleration":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def applied(model: DiffusionUNet) -> list[Acceleration]:
+    """The accelerations applied to ``model``, in order."""
+    return list(getattr(model, "_accelerations", []))
+
+
+def remove(model: DiffusionUNet) -> None:
+    """Undo every acceleration applied to ``model`` (latest first)."""
+    for handle in reversed(applied(model)):
+        handle.remove()
+
+
+# --- DeepCache ----------------------------------------------------------------------------------------------
+
+
+def _text_kwargs(block: torch.nn.Module, text: torch.Tensor | None) -> dict[str, Any]:
+    return {"encoder_hidden_states": text} if getattr(block, "has_cross_attention", False) else {}
+
+
+def _embedding(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+    """The time (plus class) embedding, as diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` forward."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(unet, UNet2DConditionModel):
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timesteps), None)
+        return emb if unet.time_embed_act is None else unet.time_embed_act(emb)
+    timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
+    if unet.class_embedding is not None:
+        emb = emb + unet.class_embedding(cond).to(dtype=unet.dtype)
+    return emb
+
+
+def _up(block, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    """One up block, consuming its skip states from the end of ``skips``."""
+    n = len(block.resnets)
+    res, skips[-n:] = tuple(skips[-n:]), []
+    return block(hidden_states=x, res_hidden_states_tuple=res, temb=emb, **_text_kwargs(block, text))
+
+
+def unet_forward(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any, branch: int,
+                 cached: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' U-Net forward split at ``branch``: returns (prediction, input of up block ``-1 - branch``).
+
+    Without ``cached`` the whole network runs. With it, only down blocks ``0..branch`` run (for their skip
+    states), then the up blocks from ``-1 - branch`` on, starting from ``cached``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    text = cond if isinstance(unet, UNet2DConditionModel) else None
+    emb = _embedding(unet, sample, timesteps, cond)
+    x = unet.conv_in(sample)
+    skips = [x]
+    first_shallow = len(unet.up_blocks) - 1 - branch
+    for block in unet.down_blocks if cached is None else unet.down_blocks[:branch + 1]:
+        x, states = block(hidden_states=x, temb=emb, **_text_kwargs(block, text))
+        skips.extend(states)
+    if cached is None:
+        if unet.mid_block is not None:
+            x = unet.mid_block(x, emb, **_text_kwargs(unet.mid_block, text))
+        for block in unet.up_blocks[:first_shallow]:
+            x = _up(block, x, skips, emb, text)
+        features = x
+    else:  # the shallow up blocks take the first skip states; the last down block's downsampled one goes unused
+        x = features = cached
+        del skips[sum(len(b.resnets) for b in unet.up_blocks[first_shallow:]):]
+    for block in unet.up_blocks[first_shallow:]:
+        x = _up(block, x, skips, emb, text)
+    if unet.conv_norm_out is not None:
+        x = unet.conv_act(unet.conv_norm_out(x))
+    return unet.conv_out(x), features
+
+
+class DeepCache(Acceleration):
+    """DeepCache on a zoo U-Net (see :func:`deepcache`); ``calls`` counts model calls since the last full step."""
+
+    def __init__(self, model: DiffusionUNet, interval: int, branch: int):
+        super().__init__(model)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an int >= 1, got interval={interval!r}")
+        stages = len(model.unet.down_blocks)
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < stages:
+            raise ValueError(f"branch must be an int in [0, {stages - 1}] (one per U-Net stage), got branch={branch!r}")
+        if any(hasattr(b, "skip_conv") for b in (*model.unet.down_blocks, *model.unet.up_blocks)):
+            raise ValueError("deepcache does not support diffusers' skip blocks (AttnSkipDownBlock2D, ...)")
+        self.interval, self.branch = interval, branch
+        self.reset()
+        model.predict = self._predict  # shadows DiffusionUNet.predict on this instance
+        self._register()
+
+    def reset(self) -> None:
+        """Forget the cache: the next call runs the full U-Net."""
+        self.features: torch.Tensor | None = None
+        self.last_timestep: torch.Tensor | None = None
+        self.calls = 0
+
+    def _predict(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+        # a timestep above the last one starts a new trajectory; a new batch shape cannot use the cache
+        new_trajectory = self.last_timestep is not None and bool((timesteps > self.last_timestep).any())
+        if new_trajectory or (self.features is not None and self.features.shape[0] != sample.shape[0]):
+            self.reset()
+        self.last_timestep = timesteps
+        full = self.calls % self.interval == 0
+        self.calls += 1
+        out, features = unet_forward(self.model.unet, sample, timesteps, cond, self.branch,
+                                     cached=None if full else self.features)
+        self.features = features
+        return out
+
+    def _undo(self) -> None:
+        del self.model.predict
+        self.reset()
+
+
+def deepcache(model: DiffusionUNet, interval: int = 3, branch: int = 0) -> DeepCache:
+    """Apply DeepCache: model call ``k`` runs the full U-Net when ``k % interval == 0`` (caching the input of
+    up block ``-1 - branch``), otherwise only the shallow blocks down to depth ``branch`` on the cached features.
+    The call count restarts when the timestep rises (a new sampling run) or the batch size changes.
+    ``interval=1`` reproduces the model exactly. Use as ``with deepcache(model, 3): sample(model, ...)``."""
+    return DeepCache(model, interval, branch)
+
+
+# --- ToMe for Stable Diffusion ------------------------------------------------------------------------------
+
+
+class GridMatching:
+    """Bipartite soft matching with destinations one per ``sy x sx`` cell of an ``h x w`` token grid: the ``r``
+    source tokens most similar (cosine) to a destination are averaged into it; ``unmerge`` copies merged values
+    back to every original position."""
+
+    def __init__(self, metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int, use_rand: bool):
+        B, N, _ = metric.shape
+        cells_h, cells_w = h // sy, w // sx
+        device = metric.device
+        if use_rand:
+            pick = torch.randint(sy * sx, (cells_h, cells_w, 1), device=device)
+        else:
+            pick = torch.zeros(cells_h, cells_w, 1, dtype=torch.long, device=device)
+        # -1 marks each cell's destination; the grid's remainder rows / columns are all sources
+        is_dst = torch.zeros(cells_h, cells_w, sy * sx, dtype=torch.long, device=device).scatter_(2, pick, -1)
+        is_dst = is_dst.view(cells_h, cells_w, sy, sx).transpose(1, 2).reshape(cells_h * sy, cells_w * sx)
+        grid = torch.zeros(h, w, dtype=torch.long, device=device)
+        grid[:cells_h * sy, :cells_w * sx] = is_dst
+        order = grid.reshape(1, -1).argsort(dim=1, stable=True).expand(B, -1)  # destinations first
+        num_dst = cells_h * cells_w
+        self.dst_pos, self.src_pos = order[:, :num_dst], order[:, num_dst:]
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = gather_tokens(metric, self.src_pos) @ gather_tokens(metric, self.dst_pos).transpose(1, 2)
+        best, best_dst = scores.max(dim=-1)
+        ranked = best.argsort(dim=-1, descending=True)
+        self.r = min(r, ranked.shape[1])
+        self.merged, self.kept = ranked[:, :self.r], ranked[:, self.r:]  # indices into the sources
+        self.merged_dst = best_dst.gather(1, self.merged)
+        self.num_tokens = N
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C] -> [B, N - r, C]``: kept sources, then destinations averaged with their merged sources."""
+        src, dst = gather_tokens(x, self.src_pos), gather_tokens(x, self.dst_pos)
+        index = self.merged_dst[..., None].expand(-1, -1, x.shape[-1])
+        dst = dst.scatter_reduce(1, index, gather_tokens(src, self.merged), reduce="mean")
+        return torch.cat([gather_tokens(src, self.kept), dst], dim=1)
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N - r, C] -> [B, N, C]``: each merged source takes its destination's value."""
+        kept, dst = x[:, :self.kept.shape[1]], x[:, self.kept.shape[1]:]
+        out = x.new_empty(x.shape[0], self.num_tokens, x.shape[-1])
+
+        def put(positions: torch.Tensor, values: torch.Tensor) -> None:
+            out.scatter_(1, positions[..., None].expand(-1, -1, x.shape[-1]), values)
+
+        put(self.dst_pos, dst)
+        put(self.src_pos.gather(1, self.kept), kept)
+        put(self.src_pos.gather(1, self.merged), gather_tokens(dst, self.merged_dst))
+        return out
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _tome_block_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        encoder_hidden_states: torch.Tensor | None = None,
+                        encoder_attention_mask: torch.Tensor | None = None, timestep: Any = None,
+                        cross_attention_kwargs: dict[str, Any] | None = None, class_labels: Any = None,
+                        added_cond_kwargs: Any = None) -> torch.Tensor:
+    """diffusers' ``BasicTransformerBlock.forward`` (layer-norm blocks, as in Stable Diffusion) with ToMe-SD:
+    tokens merged before self-attention (and cross-attention / MLP when enabled) and unmerged after."""
+    tome = self._tome
+    merge_attn = merge_cross = merge_mlp = unmerge_attn = unmerge_cross = unmerge_mlp = _identity
+    H, W = tome.sample_hw
+    downsample = math.ceil(math.sqrt(H * W / hidden_states.shape[1]))
+    r = int(hidden_states.shape[1] * tome.ratio)
+    if downsample <= tome.max_downsample and r > 0:
+        m = GridMatching(hidden_states, math.ceil(H / downsample), math.ceil(W / downsample), tome.sx, tome.sy, r,
+                         tome.use_rand)
+        merge_attn, unmerge_attn = m.merge, m.unmerge
+        if tome.merge_crossattn:
+            merge_cross, unmerge_cross = m.merge, m.unmerge
+        if tome.merge_mlp:
+            merge_mlp, unmerge_mlp = m.merge, m.unmerge
+    kwargs = cross_attention_kwargs or {}
+    attn = self.attn1(merge_attn(self.norm1(hidden_states)),
+                      encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                      attention_mask=attention_mask, **kwargs)
+    hidden_states = unmerge_attn(attn) + hidden_states
+    if self.attn2 is not None:
+        attn = self.attn2(merge_cross(self.norm2(hidden_states)), encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=encoder_attention_mask, **kwargs)
+        hidden_states = unmerge_cross(attn) + hidden_states
+    return unmerge_mlp(self.ff(merge_mlp(self.norm3(hidden_states)))) + hidden_states
+
+
+class ToMeSD(Acceleration):
+    """ToMe-SD on a zoo U-Net's transformer blocks (see :func:`tome_sd`)."""
+
+    def __init__(self, model: DiffusionUNet, ratio: float, max_downsample: int, sx: int, sy: int, use_rand: bool,
+                 merge_crossattn: bool, merge_mlp: bool):
+        super().__init__(model)
+        from diffusers.models.attention import BasicTransformerBlock
+
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got ratio={ratio!r}")
+        for name, value in (("max_downsample", max_downsample), ("sx", sx), ("sy", sy)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+        self.blocks = [m for m in model.unet.modules() if isinstance(m, BasicTransformerBlock)]
+        if not self.blocks:
+            raise ValueError(f"tome_sd needs transformer blocks (a text-conditioned U-Net); {model.model_name} has none")
+        unsupported = {b.norm_type for b in self.blocks} - {"layer_norm"}
+        if unsupported or any(b.pos_embed is not None or b._chunk_size is not None for b in self.blocks):
+            raise ValueError("tome_sd supports Stable Diffusion's transformer blocks (layer norms, no positional "
+                             f"embedding, no feed-forward chunking); got norm types {sorted(unsupported)}")
+        self.ratio, self.max_downsample, self.sx, self.sy, self.use_rand = ratio, max_downsample, sx, sy, use_rand
+        self.merge_crossattn, self.merge_mlp = merge_crossattn, merge_mlp
+        self.sample_hw = model.sample_shape[1:]
+        for block in self.blocks:
+            block._tome = self
+            block.forward = types.MethodType(_tome_block_forward, block)
+        self._register()
+
+    def _undo(self) -> None:
+        for block in self.blocks:
+            del block.forward, block._tome
+
+
+def tome_sd(model: DiffusionUNet, ratio: float = 0.5, max_downsample: int = 1, sx: int = 2, sy: int = 2,
+            use_rand: bool = True, merge_crossattn: bool = False, merge_mlp: bool = False) -> ToMeSD:
+    """Apply ToMe-SD to ``model``'s transformer blocks whose token grid is downsampled ``<= max_downsample``
+    times from the latent: ``ratio`` of the tokens merge before self-attention (and, if enabled, cross-attention
+    and the MLP) and are copied back after. Destinations are one token per ``sy x sx`` cell, random
+    (``use_rand``, from torch's global generator) or the cell's first. ``ratio=0`` reproduces the model exactly."""
+    return ToMeSD(model, ratio, max_downsample, sx, sy, use_rand, merge_crossattn, merge_mlp)
