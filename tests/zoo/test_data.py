@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +66,15 @@ def hf_dir(tmp_path):
     return path
 
 
+def caption_file(image_root) -> Path:
+    """A list-format captions JSON over image_root's train/val/test images (an explicit split per record)."""
+    records = [{"image": str(p.relative_to(image_root)), "caption": f"a {p.parent.name} photo", "split": p.parts[-3]}
+               for p in sorted(image_root.glob("*/*/*.png"))]
+    path = image_root / "captions.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
 @pytest.fixture
 def tiny_kwargs(tmp_path, text_file, image_root):
     """Small, fast arguments for every registered dataset (a new dataset must be added here)."""
@@ -76,6 +87,7 @@ def tiny_kwargs(tmp_path, text_file, image_root):
         "shapes": dict(num_examples=8),
         "imagefolder": dict(root=image_root, image_size=16),
         "listops": dict(num_examples=8, min_length=20, max_length=60),
+        "imagecaptions": dict(path=caption_file(image_root), image_size=16),
     }
     if HAS_DATASETS:
         hf_path = tmp_path / "hf_tiny"
@@ -118,7 +130,14 @@ def check_sequence_item(ds, item):
     assert 0 <= int(item["input_ids"].max()) < ds.vocab_size and 0 <= int(item["label"]) < ds.num_classes
 
 
-ITEM_CHECKS = {"lm": check_token_item, "classification": check_image_item, "sequence_classification": check_sequence_item}
+def check_caption_item(ds, item):
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, ds.image_size, ds.image_size)
+    assert isinstance(item["caption"], str) and item["caption"]
+    assert "label" not in item or (item["label"].dtype == torch.long and item["label"].dim() == 0)
+
+
+ITEM_CHECKS = {"lm": check_token_item, "classification": check_image_item, "sequence_classification": check_sequence_item,
+               "image_caption": check_caption_item}
 
 
 def test_unknown_name_suggests_close_match():
