@@ -19,6 +19,8 @@ from zoo.train import latest_checkpoint, train
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {  # (model name, tag) -> config and overrides
     ("lm-tiny", "mqar"): ("configs/lm/tiny-attention-mqar.yaml", []),
+    # the classifier behind zoo.diffusion_eval's conditional accuracy and shapes-FID
+    ("vit-tiny", "shapes"): ("configs/vit/tiny-shapes.yaml", ["train.steps=1500", "train.eval_every=500"]),
 }
 
 
@@ -40,10 +42,15 @@ def make(name: str, tag: str, config: str, overrides: list[str], work: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default="runs/shipped", help="where the training runs go")
+    parser.add_argument("--only", help="remake one checkpoint, NAME.TAG (e.g. vit-tiny.shapes)")
     args = parser.parse_args()
+    names = {f"{name}.{tag}" for name, tag in SHIPPED}
+    if args.only is not None and args.only not in names:
+        parser.error(f"--only: unknown checkpoint {args.only!r}; choose from {', '.join(sorted(names))}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for (name, tag), (config, overrides) in SHIPPED.items():
-        print(name, tag, make(name, tag, config, overrides, Path(args.work)))
+        if args.only in (None, f"{name}.{tag}"):
+            print(name, tag, make(name, tag, config, overrides, Path(args.work)))
 
 
 if __name__ == "__main__":
