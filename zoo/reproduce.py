@@ -798,3 +798,111 @@ def sizes_markdown(rows: list[dict[str, Any]], spec: SizesSpec) -> str:
             "(BK-SDM's numbers); 'all' adds the attention products Q K^T and A V (DiT's Gflops, multiply-adds).\n\n"
             "| model | paper | params M | published M | diff | GMACs all | GMACs weight layers | published GMACs "
             "(counted) | diff | passed |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+# --- Diffusion family on the embedded shapes (DDIM, DPM-Solver, DeepCache, ToMe-SD): configs/reproduce/diffusion-shapes.yaml ---
+
+
+class DiffusionGrid(Strict):
+    steps: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    samples: PositiveInt  # images sampled per configuration (labels cycle through the 6 shapes)
+    sample_steps: list[PositiveInt]
+    mixers: list[str] | None = None  # unused: every model of the table runs
+
+
+class DiffusionSweep(Sweep):
+    models: dict[str, dict[str, Any]]  # sweep name -> the run's model section
+    schedulers: list[Literal["ddim", "dpm", "ddpm"]]
+    guidance: PositiveFloat
+    deepcache: dict[str, Any]  # zoo.acceleration.deepcache kwargs
+    tome_sd: dict[str, Any]  # zoo.acceleration.tome_sd kwargs
+    mixers: dict[str, Any] = {}
+    full: DiffusionGrid
+    quick: DiffusionGrid
+
+
+def diffusion_runs(quick: bool, options: SweepOptions | None = None) -> list[Run]:
+    """One run per model of the table, equal steps, batch size and lr."""
+    options = options or SweepOptions()
+    if options.mixers or options.lrs:
+        raise ValueError("diffusion-shapes compares models: --mixers and --lrs do not apply")
+    sweep = load_sweep("diffusion-shapes", DiffusionSweep)
+    grid = sweep.grid(quick, options)
+    runs = []
+    for label, model in sweep.models.items():
+        params = dict(mixer=label, model=label, steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr)
+        overrides = [*(f"model.{k}={json.dumps(v)}" for k, v in model.items()), f"train.steps={grid.steps}",
+                     f"train.batch_size={grid.batch_size}", f"train.lr={grid.lr}",
+                     f"train.warmup_steps={max(1, grid.steps // 10)}", f"train.eval_every={grid.steps}", *sweep.overrides]
+        runs.append(Run(params, sweep.base_path, overrides))
+    return runs
+
+
+def accelerated(model: torch.nn.Module, name: str, sweep: DiffusionSweep):
+    """The handle of acceleration ``name`` applied to ``model`` (None for ``none``); ValueError when it does not apply."""
+    from zoo.acceleration import deepcache, tome_sd
+
+    return {"none": lambda: None, "deepcache": lambda: deepcache(model, **sweep.deepcache),
+            "tome-sd": lambda: tome_sd(model, **sweep.tome_sd)}[name]()
+
+
+@register_reproduction("diffusion-shapes")
+def diffusion_shapes(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
+    """Train each diffusion model of the sweep, then sample it (EMA weights) with every scheduler, step count and
+    acceleration; passes when every configuration that applies gave finite metrics (a measurement, not a quality bar)."""
+    import math
+
+    from zoo.checkpoint import read_json
+    from zoo.diffusion_eval import CLASSIFIER, evaluate_samples, load_classifier, reference_images
+    from zoo.evaluate import load_checkpoint_model
+    from zoo.registry import checkpoint_root, split_tag
+    from zoo.tasks import create_task
+    from zoo.train import latest_checkpoint
+
+    sweep = load_sweep("diffusion-shapes", DiffusionSweep)
+    grid = sweep.grid(quick, options)
+    records = run_sweep(diffusion_runs(quick, options), out_dir, options)
+    classifier, reference = load_classifier(), reference_images(grid.samples)
+    classifier_accuracy = read_json(checkpoint_root().joinpath(*split_tag(CLASSIFIER), "config.json"))["metrics"]["val"]["accuracy"]
+    rows = []
+    for r in (r for r in records if r["status"] == "ok"):
+        folder = latest_checkpoint(r["run_dir"])
+        task_spec = read_json(folder / "config.json")["run"]["task"]
+        task = create_task(task_spec["name"], **{k: v for k, v in task_spec.items() if k != "name"})
+        model = load_checkpoint_model(folder, torch.device("cpu"), None)
+        for acceleration in ("none", "deepcache", "tome-sd"):
+            base = {"model": r["model"], "acceleration": acceleration}
+            try:
+                handle = accelerated(model, acceleration, sweep)
+            except ValueError as e:
+                rows.append({**base, "scheduler": None, "steps": None, "applies": False, "reason": str(e)})
+                continue
+            for scheduler, steps in product(sweep.schedulers, grid.sample_steps):
+                metrics = evaluate_samples(model, grid.samples, steps, scheduler, sweep.guidance, classifier=classifier,
+                                           reference=reference, task=task)
+                rows.append({**base, "scheduler": scheduler, "steps": steps, "applies": True, **metrics})
+            if handle is not None:
+                handle.remove()
+    measured = [r for r in rows if r["applies"]]
+    finite = all(math.isfinite(r[k]) for r in measured for k in ("conditional_accuracy", "shapes_fid", "seconds_per_sample"))
+    failed = [r for r in records if r["status"] != "ok"]
+    passed = not failed and bool(measured) and finite
+    (out_dir / "diffusion-shapes.md").write_text(diffusion_markdown(rows, grid, sweep, classifier_accuracy) + failures_markdown(records))
+    return {"rows": rows, "classifier": CLASSIFIER, "classifier_val_accuracy": classifier_accuracy,
+            "samples": grid.samples, "steps": grid.steps, "guidance": sweep.guidance, "failed": failed,
+            "passed": passed, "results": str(out_dir / RESULTS), "table": str(out_dir / "diffusion-shapes.md")}
+
+
+def diffusion_markdown(rows: list[dict[str, Any]], grid: DiffusionGrid, sweep: DiffusionSweep, classifier_accuracy: float) -> str:
+    lines = [f"| {r['model']} | {r['acceleration']} | {r['scheduler']} | {r['steps']} | {r['conditional_accuracy']:.3f} | "
+             f"{r['shapes_fid']:.2f} | {r['seconds_per_sample']:.4f} |" if r["applies"] else
+             f"| {r['model']} | {r['acceleration']} | n/a | n/a | n/a | n/a | n/a ({r['reason']}) |" for r in rows]
+    return (f"# Diffusion family on shapes: {grid.steps} training steps, {grid.samples} samples per row, "
+            f"guidance {sweep.guidance:g}, EMA weights\n\n"
+            f"Scored by the shipped classifier vit-tiny.shapes, whose recorded val accuracy is {classifier_accuracy:.3f}: "
+            "conditional accuracy is bounded by it, and shapes-FID (its pre-logit features, not Inception) is comparable "
+            "only within this table. Seconds per sample: sampling wall time / samples, CPU, one process.\n\n"
+            "| model | acceleration | scheduler | steps | cond. accuracy | shapes-FID | s/sample |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
