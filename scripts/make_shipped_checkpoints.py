@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {  # (model name, tag) -> config and overrides
     ("lm-tiny", "mqar"): ("configs/lm/tiny-attention-mqar.yaml", []),
     # the classifier behind zoo.diffusion_eval's conditional accuracy and shapes-FID
-    ("vit-tiny", "shapes"): ("configs/vit/tiny-shapes.yaml", ["train.steps=1500", "train.eval_every=500"]),
+    ("vit-tiny", "shapes"): ("configs/vit/tiny-shapes.yaml", ["train.steps=4000", "train.eval_every=1000"]),
 }
 
 
