@@ -33,12 +33,12 @@ from layers.deltanet import l2norm
 from layers.linear_attention import call_fla, fla_available
 from layers.retnet import retention_log_decay
 from zoo.bench import decode_throughput, markdown_table, median_ms, release, write_report
+from zoo.decoding import has_fixed_size_state
 from zoo.registry import create_model
 
 FLA_TARGET = 1.05  # ours-fla / fla, at most
 TORCH_TARGET = 2.5  # ours-torch / fla at T = 16k, at most
 DECODE_TARGET = 5.0  # recurrent / attention decoding tokens/s at the longest context, at least
-GROWING_STATE = {"attention", "sliding_window", "block_sparse", "based", "hyena"}  # KV caches / cached inputs
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(device="cuda", dtype=torch.bfloat16, tokens=65536, heads=16, head_dim=64,
@@ -205,10 +205,9 @@ def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def fixed_size_state(name: str) -> bool:
-    """Whether every layer of model ``name`` decodes with a fixed-size state (no KV cache): graph-capturable."""
+    """Whether model ``name`` decodes with fixed-size states (graph-capturable), built on the meta device."""
     with torch.device("meta"):
-        model = create_model(name)
-    return all(getattr(b.mixer, "mixer_name", "") not in GROWING_STATE for b in model.blocks)
+        return has_fixed_size_state(create_model(name))
 
 
 def decoding_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,6 +15,14 @@ import torch
 from torch import nn
 
 
+def has_fixed_size_state(model: nn.Module) -> bool:
+    """Whether every mixer of ``model`` decodes with a state whose size does not grow with the context
+    (read from the mixers' ``state_size``): the models whose decoding step a CUDA graph can capture."""
+    from zoo.models.base import outer_mixers
+
+    return all(m.state_size(1) == m.state_size(2) for m in outer_mixers(model))
+
+
 def state_leaves(tree: Any) -> list[Any]:
     """The leaves of a nest of dicts and lists (a model's decoding states), in a fixed order."""
     if isinstance(tree, dict):
@@ -37,10 +45,9 @@ class GraphedDecoder:
         devices = {leaf.device.type for leaf in leaves if isinstance(leaf, torch.Tensor)}
         if devices != {"cuda"}:
             raise ValueError(f"cuda_graph decoding needs the model and its states on a CUDA device, got {sorted(devices)}")
-        fixed = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-        if fixed:
-            raise ValueError("cuda_graph decoding needs decoding states made of tensors only; this model keeps "
-                             f"{', '.join(sorted(set(fixed)))} state (a growing KV cache): decode it eagerly")
+        if not has_fixed_size_state(model):
+            raise ValueError("cuda_graph decoding needs decoding states of a fixed size; this model's state grows "
+                             "with the context (a growing KV cache or input cache): decode it eagerly")
         self.model, self.states = model, states
         batch = leaves[0].shape[0]
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=leaves[0].device)

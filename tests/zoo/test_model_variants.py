@@ -177,3 +177,13 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(name):
     (l0, g0), (l1, g1) = grads
     assert torch.allclose(l0, l1, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+
+
+def test_fixed_size_state_is_read_from_the_mixers_state_size():
+    """Graph-capturable decoding: recurrent LMs yes; a KV cache, hyena's input cache or a hybrid with attention, no."""
+    from zoo.decoding import has_fixed_size_state
+
+    expected = {"lm-tiny-gla": True, "lm-tiny-mamba2": True, "lm-tiny-rwkv6": True, "lm-tiny": False,
+                "lm-tiny-hyena": False, "lm-tiny-gla-hybrid": False}
+    with torch.device("meta"):
+        assert {name: has_fixed_size_state(zoo.create_model(name)) for name in expected} == expected
