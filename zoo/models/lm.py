@@ -83,7 +83,7 @@ class LMBlock(nn.Module):
             self.norm2 = layers.create_norm(config.norm, config.dim)
             dense = DENSE_MLPS[config.mlp](config.dim, config.hidden_dim(), depth)
             self.mlp = build_mlp(config.moe, layer, dense, config.dim, config.hidden_dim(), config.mlp, causal=True)
-        self.stateful_mlp = isinstance(self.mlp, RWKV6ChannelMix)
+        self.stateful_mlp = hasattr(self.mlp, "init_state")  # an MLP with decoding state (RWKV's token shift)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
