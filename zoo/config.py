@@ -1,7 +1,8 @@
 """Typed run configs: YAML files validated by pydantic, with ``key.sub=value`` command-line overrides.
 
 A run config has four parts. ``model``, ``data`` and ``task`` are specs ``{name: ..., **kwargs}``
-(the kwargs are checked by the model, dataset or task they build); ``train`` is a typed block.
+(the kwargs are checked by the model, dataset or task they build); ``train`` is a typed block. An optional
+``teacher`` block distils a trained model into the one being trained (tasks that support it: diffusion).
 """
 from __future__ import annotations
 
@@ -75,6 +76,32 @@ class TrainConfig(BaseModel):
         return v
 
 
+class TeacherConfig(BaseModel):
+    """A trained model to distil from: ``checkpoint`` is a run or checkpoint folder; ``ema`` picks its EMA
+    weights (None: the EMA when there is one); ``init`` copies its weights into the student first (BK-SDM's
+    block-removed U-Nets); the weights scale the task's loss and the output and feature distillation losses."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    checkpoint: str
+    ema: bool | None = None
+    init: bool = False
+    task_weight: float = 1.0
+    output_weight: float = 1.0
+    feature_weight: float = 1.0
+
+    @field_validator("task_weight", "output_weight", "feature_weight")
+    @classmethod
+    def _non_negative(cls, v: float, info) -> float:
+        if v < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {v}")
+        return v
+
+    def weights(self) -> dict[str, float]:
+        return {"task_weight": self.task_weight, "output_weight": self.output_weight,
+                "feature_weight": self.feature_weight}
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -82,8 +109,12 @@ class RunConfig(BaseModel):
     data: Spec
     task: Spec
     train: TrainConfig = TrainConfig()
+    teacher: TeacherConfig | None = None
     out_dir: str = "runs/default"
     resume: bool = False
+
+
+SECTIONS = {"train": TrainConfig, "teacher": TeacherConfig}  # the typed blocks, for error messages
 
 
 def parse_value(text: str) -> Any:
@@ -124,7 +155,7 @@ def validate_run_config(raw: Mapping[str, Any], source: str = "config") -> RunCo
             loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
-                section = RunConfig if len(err["loc"]) == 1 else TrainConfig
+                section = RunConfig if len(err["loc"]) == 1 else SECTIONS[err["loc"][0]]
                 matches = close_matches(str(err["loc"][-1]), section.model_fields)
                 msg = "unknown key" + (f" (did you mean {', '.join(matches)}?)" if matches else "")
             problems.append(f"{loc}: {msg}")

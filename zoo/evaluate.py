@@ -6,37 +6,13 @@ from typing import Any
 
 import torch
 
-from zoo.checkpoint import load_module, read_json
+from zoo.checkpoint import read_json
 from zoo.config import Spec, apply_overrides
 from zoo.data import create_dataset
-from zoo.models.base import ZooModel, load_pretrained
 from zoo.tasks import create_task
-from zoo.train import EMA_FILE, eval_batches, latest_checkpoint, resolve_device, to_device
+from zoo.train import eval_batches, load_checkpoint_model, resolve_checkpoint, resolve_device, to_device
 
 EVAL_KEYS = ("split", "batch_size", "max_batches", "device", "ema")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder resolves to its latest checkpoint; a checkpoint folder is itself."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder (config.json) nor a run folder with checkpoints")
-    return latest
-
-
-def load_checkpoint_model(folder: Path, device: torch.device, ema: bool | None) -> ZooModel:
-    """The model of a checkpoint folder with its raw weights (``ema=False``), its EMA weights (``True``;
-    ValueError if the folder holds no ``ema.safetensors``) or the EMA when there is one (``None``)."""
-    has_ema = (folder / EMA_FILE).is_file()
-    if ema and not has_ema:
-        raise ValueError(f"ema=true but {folder} holds no {EMA_FILE} (the run was trained without train.ema_decay)")
-    model = load_pretrained(folder, device=device)
-    if has_ema if ema is None else ema:
-        load_module(folder / EMA_FILE, model, what=f"{model.model_name} model (EMA weights)")
-    return model
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -856,7 +856,7 @@ def diffusion_shapes(quick: bool, out_dir: Path, options: SweepOptions) -> dict[
 
     from zoo.checkpoint import read_json
     from zoo.diffusion_eval import CLASSIFIER, evaluate_samples, load_classifier, reference_images
-    from zoo.evaluate import load_checkpoint_model
+    from zoo.train import load_checkpoint_model
     from zoo.registry import checkpoint_root, split_tag
     from zoo.tasks import create_task
     from zoo.train import latest_checkpoint

@@ -103,7 +103,7 @@ def sample_checkpoint(path: str | Path, n: int, steps: int, scheduler: str = "dd
     images), else the raw weights; True requires the EMA weights (ValueError if absent); False the raw weights.
     """
     from zoo.checkpoint import read_json
-    from zoo.evaluate import load_checkpoint_model, resolve_checkpoint
+    from zoo.train import load_checkpoint_model, resolve_checkpoint
     from zoo.tasks import create_task
     from zoo.train import resolve_device
 

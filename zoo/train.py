@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from zoo.checkpoint import atomic_write, load_module, load_tensors, read_json, save_module, save_tensors, write_json
 from zoo.config import RunConfig
 from zoo.data import create_dataset
-from zoo.models.base import ZooModel, load_weights
+from zoo.models.base import ZooModel, load_pretrained, load_weights
 from zoo.registry import create_model
 from zoo.tasks import Task, create_task
 
@@ -187,6 +187,29 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return path if (path / "trainer_state.json").is_file() else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder resolves to its latest checkpoint; a checkpoint folder is itself."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (config.json) nor a run folder with checkpoints")
+    return latest
+
+
+def load_checkpoint_model(folder: Path, device: torch.device, ema: bool | None) -> ZooModel:
+    """The model of a checkpoint folder with its raw weights (``ema=False``), its EMA weights (``True``;
+    ValueError if the folder holds no ``ema.safetensors``) or the EMA when there is one (``None``)."""
+    has_ema = (folder / EMA_FILE).is_file()
+    if ema and not has_ema:
+        raise ValueError(f"ema=true but {folder} holds no {EMA_FILE} (the run was trained without train.ema_decay)")
+    model = load_pretrained(folder, device=device)
+    if has_ema if ema is None else ema:
+        load_module(folder / EMA_FILE, model, what=f"{model.model_name} model (EMA weights)")
+    return model
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -278,12 +301,16 @@ class MetricsLog:
 
 
 def build_run(run: RunConfig, device: torch.device) -> tuple[ZooModel, Task, Dataset, Dataset]:
-    """Model, task and the train/val datasets of a run config, checked against each other."""
+    """Model, task and the train/val datasets of a run config, checked against each other; with a ``teacher``
+    the task distils it into the model (on resume the checkpoint's weights then replace any ``init`` copy)."""
     train_set = create_dataset(run.data.name, "train", **run.data.kwargs())
     val_set = create_dataset(run.data.name, "val", **run.data.kwargs())
     model = create_model(run.model.name, **run.model.kwargs()).to(device)
     task = create_task(run.task.name, **run.task.kwargs())
     task.check_data(model, train_set)
+    if run.teacher is not None:
+        teacher = load_checkpoint_model(resolve_checkpoint(run.teacher.checkpoint), device, run.teacher.ema)
+        task.set_teacher(model, teacher, init=run.teacher.init, **run.teacher.weights())
     return model, task, train_set, val_set
 
 

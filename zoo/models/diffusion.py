@@ -103,6 +103,10 @@ class DiffusionBackbone(ZooModel):
     def check_cond(self, cond: Any, batch: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def block_names(self) -> list[str]:
+        """The names of the transformer blocks in the order they run (for feature distillation); none in a U-Net."""
+        return []
+
     def predict(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -366,6 +370,9 @@ class DiT(DiffusionBackbone):
     def check_cond(self, cond: Any, batch: int) -> None:
         check_class_labels(cond, batch, self.config.num_classes + 1)
 
+    def block_names(self) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
+
     def predict(self, sample, timesteps, cond):
         x = self.patch_embed(sample) + self.pos_embed
         c = self.time_embed(timestep_embedding(timesteps, TIME_FREQUENCIES).to(x.dtype))
@@ -480,6 +487,10 @@ class UViT(DiffusionBackbone):
 
     def check_cond(self, cond: Any, batch: int) -> None:
         check_class_labels(cond, batch, self.config.num_classes + 1)
+
+    def block_names(self) -> list[str]:
+        return [*(f"in_blocks.{i}" for i in range(len(self.in_blocks))), "mid_block",
+                *(f"out_blocks.{i}" for i in range(len(self.out_blocks)))]
 
     def predict(self, sample, timesteps, cond):
         patches = self.patch_embed(sample)

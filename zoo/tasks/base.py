@@ -67,6 +67,11 @@ class Task:
                 metrics[name] = value.detach()
         return loss, metrics
 
+    def set_teacher(self, student: nn.Module, teacher: nn.Module, init: bool = False, **weights: float) -> None:
+        """Train ``student`` with knowledge distilled from ``teacher`` (a run config's ``teacher:`` entry);
+        ``init`` first copies the teacher's weights into the student. Tasks that support it override this."""
+        raise ValueError(f"the {self.task_name} task does not train with a teacher (remove the run's teacher entry)")
+
     def check_data(self, model: nn.Module, dataset: Any) -> None:
         """Raise a clear error when ``dataset`` cannot feed ``model`` (vocabulary, classes, image size)."""
 

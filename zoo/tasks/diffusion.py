@@ -1,7 +1,8 @@
 """Denoising diffusion training in pixel space (DDPM, Ho et al. 2020): noise the images with diffusers'
 ``DDPMScheduler`` at a uniform random timestep and regress the noise (``epsilon``) or the velocity
 (``v_prediction``, Salimans & Ho 2022) with an MSE. Class-conditioned models see the batch labels, dropped to
-``model.null_class`` with probability ``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022).
+``model.null_class`` with probability ``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022). With a teacher (:meth:`Diffusion.set_teacher`), training adds
+BK-SDM's output- and feature-level distillation; evaluation reports the task's loss alone.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class Diffusion(Task):
         self.noise_config = {"num_train_timesteps": num_train_timesteps, "beta_schedule": BETA_SCHEDULES[beta_schedule],
                              "prediction_type": prediction}
         self.scheduler = DDPMScheduler(**self.noise_config)
+        self.distillation = None
         mean, std = NORMALIZATIONS[normalization]
         self.mean, self.std = (torch.tensor(np.asarray(v, dtype=np.float32))[:, None, None] for v in (mean, std))
 
@@ -80,11 +82,31 @@ class Diffusion(Task):
         cond = None
         if model.cond_kind is not None:
             cond = self.drop_labels(batch["label"], model.null_class) if model.training else batch["label"]
-        prediction = model(noisy, timesteps, cond)[:, : clean.shape[1]]
+        distill = self.distillation if model.training else None
+        if distill is None:
+            prediction = model(noisy, timesteps, cond)[:, : clean.shape[1]]
+        else:
+            with distill.student_features(model) as features:
+                prediction = model(noisy, timesteps, cond)[:, : clean.shape[1]]
         loss = F.mse_loss(prediction.float(), self.target(clean, noise, timesteps).float())
-        if not with_metrics:
-            return loss, {}
-        return loss, {"loss": loss.detach(), "count": clean.shape[0]}
+        metrics = {"loss": loss.detach(), "count": clean.shape[0]} if with_metrics else {}
+        if distill is not None:
+            output, feature = distill.losses(noisy, timesteps, cond, prediction, features)
+            loss = distill.task_weight * loss + distill.output_weight * output + distill.feature_weight * feature
+            if with_metrics:
+                metrics.update(distill_output=output.detach(), distill_features=feature.detach())
+        return loss, metrics
+
+    def set_teacher(self, student, teacher, init: bool = False, output_weight: float = 1.0,
+                    feature_weight: float = 1.0, task_weight: float = 1.0) -> None:
+        """Distil ``teacher`` (frozen) into ``student`` during training: the loss becomes ``task_weight * MSE
+        + output_weight * output KD + feature_weight * feature KD`` (``zoo.diffusion.Distillation``). ``init``
+        first copies the teacher's kept blocks into a block-removed student U-Net (``init_from_teacher``)."""
+        from zoo.diffusion import Distillation, init_from_teacher
+
+        if init:
+            init_from_teacher(student, teacher)
+        self.distillation = Distillation(student, teacher, output_weight, feature_weight, task_weight)
 
     def check_data(self, model, dataset):
         if not isinstance(model, DiffusionBackbone):
