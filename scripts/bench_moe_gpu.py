@@ -18,7 +18,7 @@
 
 Failures (out of memory, a refused implementation) are reported in their row (``error``); the run goes on.
 
-    python scripts/bench_moe_gpu.py [--out DIR] [--only layer|training] [--compile]
+    python scripts/bench_moe_gpu.py [--out DIR] [--only layer|training] [--compile] [--profile]
     python scripts/bench_moe_gpu.py --smoke --out DIR   # CPU, tiny sizes
 """
 from __future__ import annotations
@@ -166,6 +166,29 @@ def layer_summary(rows: list[dict[str, Any]], p: dict[str, Any]) -> list[dict[st
     return out
 
 
+def profile_layer(p: dict[str, Any], setting: dict[str, int], iters: int = 3, top: int = 15) -> list[dict[str, Any]]:
+    """The kernels (CUDA) or ops (CPU) taking the most self time in the grouped_mm layer's fwd+bwd, per iteration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(p["device"])
+    fn, leaves = layer_case("grouped_mm")(p, setting)
+    dy = torch.randn_like(fn())
+    for _ in range(2):  # warm up (kernel selection, allocator)
+        torch.autograd.backward(fn(), dy)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            for t in leaves:
+                t.grad = None
+            torch.autograd.backward(fn(), dy)
+        if cuda:
+            torch.cuda.synchronize()
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
+    return [{"name": e.key[:90], "ms_per_iter": self_us(e) / 1e3 / iters, "calls_per_iter": e.count / iters}
+            for e in events if self_us(e) > 0]
+
+
 # --- (b) training ---------------------------------------------------------------------------------------
 
 
@@ -239,6 +262,12 @@ def markdown(report: dict[str, Any]) -> str:
                   markdown_table(("top_k", "hidden", "impl", "iters", "fwd+bwd ms", "expert TFLOP/s", "error"), (
                       (r["top_k"], r["hidden"], r["impl"], r["iters"], fmt(r["fwd_bwd_ms"], ".3f"), fmt(r["tflops"]),
                        r["error"] or "") for r in lay["rows"]))]
+        for prof in lay.get("profiles", []):
+            parts += [f"Where the grouped_mm layer's time goes (top-{prof['top_k']}, hidden {prof['hidden']}; self time "
+                      "per fwd+bwd, torch.profiler):\n",
+                      markdown_table(("kernel / op", "ms", "calls"), (
+                          (e["name"].replace("|", "/"), fmt(e["ms_per_iter"], ".3f"), fmt(e["calls_per_iter"], ".0f"))
+                          for e in prof["events"]))]
     if "training" in report:
         pairs = report["training"]
         rows = [(pair[kind], pair) for pair in pairs for kind in ("moe", "dense")]
@@ -261,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check the script runs")
     parser.add_argument("--only", choices=("layer", "training"), help="run one section")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models in the training section")
+    parser.add_argument("--profile", action="store_true", help="also profile the grouped_mm layer (top kernels)")
     args = parser.parse_args(argv)
     p = PRESETS["smoke" if args.smoke else "gpu"]
     if p["device"] == "cuda" and not torch.cuda.is_available():
@@ -272,6 +302,11 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         rows = layer_rows(p)
         report["layer"] = {"tokens": p["tokens"], "dim": p["dim"], "num_experts": p["num_experts"],
                            "dtype": str(p["dtype"]).removeprefix("torch."), "rows": rows, "summary": layer_summary(rows, p)}
+        if args.profile:
+            report["layer"]["profiles"] = [{**setting, "events": profile_layer(p, setting)} for setting in p["settings"]]
+            for prof in report["layer"]["profiles"]:
+                for e in prof["events"]:
+                    say(f"profile top-{prof['top_k']}: {e['ms_per_iter']:8.3f} ms x{e['calls_per_iter']:.0f} {e['name']}")
     if args.only in (None, "training"):
         report["training"] = training_pairs(p, args.compile)
     return write_report(report, args.out, "moe_gpu" if not args.only else f"moe_gpu_{args.only}", markdown)

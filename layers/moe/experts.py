@@ -3,13 +3,16 @@
 Expert weights are stored stacked, ``w_in: [E, dim, width * hidden]`` and ``w_out: [E, hidden, dim]``
 (``x @ W`` layout), each initialised like ``nn.Linear`` (uniform in +-1/sqrt(fan_in)).
 
-Implementations (all return the fp32 sum over assignments of ``weight * expert(x[token])``):
+Implementations (each returns the sum over assignments of ``weight * expert(x[token])``: in float32, except
+grouped_mm with token-choice routing, which combines in x's dtype with float32 accumulation):
 
 * ``loop``: the per-expert reference (as HF Mixtral): gather an expert's tokens, run it, index_add back.
   One host sync per expert.
 * ``grouped_mm``: sort assignments by expert into one buffer and run one grouped GEMM per weight
   (``F.grouped_mm``, else ``torch._grouped_mm``). No host sync of our own (CUDA's fast bf16 kernel
   on sm90+ needs none; torch's fallback for other dtypes/devices copies the offsets to the host).
+  With token-choice routing (k assignments per token) the permutation into the buffer and the weighted
+  combine are custom autograd functions whose backward passes gather instead of scatter-adding.
 * ``auto``: ``grouped_mm`` where it runs (see :func:`grouped_mm_unsupported`), else ``loop``.
 
 grouped_mm constraints (checked in torch 2.14 source and by experiment on CPU): offsets are int32
@@ -121,6 +124,46 @@ def run_loop(experts: StackedExperts, x: Tensor, routing: Routing) -> Tensor:
     return y
 
 
+class Dispatch(torch.autograd.Function):
+    """``buffer[r] = x[source[r]]`` (``source == N``: a zero row). Token-choice routing only: each token's
+    assignments sit in the buffer rows ``slots[n]`` (``[N, k]``), so the backward sums those k rows by a gather
+    instead of autograd's accumulating scatter (a sort, or atomics). A dropped assignment's slot is the shared
+    zero row, whose gradient is exactly 0 (see :class:`Combine`), so it adds nothing."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, source: Tensor, slots: Tensor) -> Tensor:
+        ctx.save_for_backward(slots)
+        return F.pad(x, (0, 0, 0, 1)).index_select(0, source)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slots,) = ctx.saved_tensors
+        return grad[slots].sum(1), None, None
+
+
+class Combine(torch.autograd.Function):
+    """``y[n] = sum_j weight[n, j] * out[slots[n, j]]``: a batched GEMM in ``out``'s dtype with float32
+    accumulation (the weights rounded to that dtype, as HF Mixtral and torchtitan combine). The kept slots are
+    distinct rows of ``out``, so the backward writes ``out``'s gradient with a plain scatter; dropped assignments
+    have weight 0 and share one zero row, whose gradient is then exactly 0."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, weight: Tensor, slots: Tensor) -> Tensor:
+        ctx.save_for_backward(out, weight, slots)
+        return torch.bmm(weight.to(out.dtype).unsqueeze(1), out[slots]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out, weight, slots = ctx.saved_tensors
+        grad_out = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_out = out.new_zeros(out.shape)
+            grad_out[slots.reshape(-1)] = (weight.to(out.dtype).unsqueeze(-1) * grad.unsqueeze(1)).flatten(0, 1)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(out[slots], grad.unsqueeze(-1)).squeeze(-1).to(weight.dtype)
+        return grad_out, grad_weight, None
+
+
 def run_grouped(experts: StackedExperts, x: Tensor, routing: Routing) -> Tensor:
     reason = grouped_mm_unsupported(x, experts)
     if reason is not None:
@@ -129,8 +172,7 @@ def run_grouped(experts: StackedExperts, x: Tensor, routing: Routing) -> Tensor:
     num_tokens, num_experts, align = x.shape[0], experts.num_experts, GROUP_ALIGN
     expert, kept = routing.expert, routing.kept
     # Group e holds its kept assignments (rank order), padded to >= 1 whole block of `align` rows.
-    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).index_add_(0, expert, kept.long())
-    padded = (counts + align - 1).div(align, rounding_mode="floor").clamp(min=1) * align
+    padded = (routing.kept_counts + align - 1).div(align, rounding_mode="floor").clamp(min=1) * align
     group_end = padded.cumsum(0)
     # Static bound on the buffer (no host sync): sum(padded) <= A + E * align, plus one row for drops.
     rows = math.ceil((expert.numel() + num_experts * align + 1) / align) * align
@@ -139,9 +181,13 @@ def run_grouped(experts: StackedExperts, x: Tensor, routing: Routing) -> Tensor:
     position = torch.where(kept, group_end[expert] - padded[expert] + routing.rank, rows - 1)
     source = torch.full((rows,), num_tokens, dtype=torch.long, device=x.device)
     source = source.scatter(0, position, torch.where(kept, routing.token, num_tokens))
-    out = experts.grouped(F.pad(x, (0, 0, 0, 1))[source], offs)  # row num_tokens of the padded x is zero
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return y.index_add_(0, routing.token, out[position].float() * routing.weight[:, None])
+    if routing.per_token is None:  # expert choice: a token has any number of assignments
+        out = experts.grouped(F.pad(x, (0, 0, 0, 1))[source], offs)  # row num_tokens of the padded x is zero
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return y.index_add_(0, routing.token, out[position].float() * routing.weight[:, None])
+    slots, keep = position.view(num_tokens, -1), kept.view(num_tokens, -1)  # token-major: [N, k]
+    out = experts.grouped(Dispatch.apply(x, source, slots), offs)
+    return Combine.apply(out, routing.weight.view(num_tokens, -1) * keep, slots)
 
 
 def run_auto(experts: StackedExperts, x: Tensor, routing: Routing) -> Tensor:

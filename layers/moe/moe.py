@@ -1,8 +1,9 @@
 """The mixture-of-experts feed-forward layer.
 
 ``MoE(x)`` returns ``(y, aux)``: y has x's shape; ``aux.loss`` is what to add to the task loss.
-Routing runs in float32 (router weight and input cast up). The combine sums ``weight * expert(x)``
-in float32 and casts back to x's dtype; shared experts (a dense MLP of width ``shared_experts *
+The router's logits come from a GEMM in the experts' compute dtype (x's, or the autocast dtype) with float32
+output, as HF Mixtral and torchtitan compute them; softmax/sigmoid, top-k and the combine weights are float32.
+The combine sums ``weight * expert(x)`` and casts back to x's dtype; shared experts (a dense MLP of width ``shared_experts *
 hidden``) are added to every token, including tokens the routed experts dropped.
 
 Capacity: with ``capacity_factor`` c, each expert takes at most ``ceil(c * N * top_k / E)``
@@ -23,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from layers.mlp import create_mlp
@@ -121,36 +123,37 @@ class MoE(nn.Module):
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
     def route(self, x: Tensor) -> Routing:
-        """Route the tokens of ``x: [N, dim]``."""
-        x = x.float()
+        """Route the tokens of ``x: [N, dim]`` (logits from a GEMM in x's dtype, everything after in float32)."""
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits = x @ self.router.weight.float().t()
+        logits = F.linear(x, self.router.weight.to(x.dtype)).float()
         capacity = self.capacity(x.shape[0])
         token, expert, weight, probs = self.router_spec.select(logits, self.expert_bias, self.top_k, capacity)
-        rank = expert_rank(expert, self.num_experts)
+        rank, counts = expert_rank(expert, self.num_experts)
         drops = capacity is not None and not self.router_spec.expert_choice  # expert choice fills exactly its capacity
         kept = rank < capacity if drops else torch.ones_like(rank, dtype=torch.bool)
-        return Routing(token, expert, weight, rank, kept, logits, probs)
+        kept_counts = counts.clamp(max=capacity) if drops else counts  # the ranks below capacity stay
+        per_token = None if self.router_spec.expert_choice else (self.router_spec.top_k or self.top_k)
+        return Routing(token, expert, weight, rank, kept, logits, probs, counts, kept_counts, per_token)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         if x.shape[-1] != self.dim:
             raise ValueError(f"MoE expected x with last dimension {self.dim}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.dim)
         device = x.device.type
-        # Under autocast, route in float32 and run the experts in the autocast dtype (as nn.Linear would);
-        # autocast itself stays off here, so the fp32 routing math is not lowered behind our back.
+        # Under autocast, the router and experts' GEMMs run in the autocast dtype (as nn.Linear would); autocast
+        # itself stays off here, so the float32 routing math after the logits is not lowered behind our back.
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
         with torch.autocast(device, enabled=False):
-            routing = self.route(tokens)
-            y = self.run_experts(self.experts, tokens.to(compute), routing).to(x.dtype)
+            hidden = tokens.to(compute)
+            routing = self.route(hidden)
+            y = self.run_experts(self.experts, hidden, routing).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(tokens)
         return y.reshape(x.shape), self._aux(routing)
 
     def _aux(self, routing: Routing) -> MoEAux:
-        counts = torch.zeros(self.num_experts, device=routing.expert.device).index_add_(
-            0, routing.expert, torch.ones_like(routing.weight))
+        counts = routing.counts.float()
         load = counts / routing.expert.numel()
         zero = routing.logits.new_zeros(())
         balance_fn = self.balance_spec.loss

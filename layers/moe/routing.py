@@ -27,6 +27,9 @@ class Routing:
     kept: Tensor    # bool: False where dropped for exceeding the expert's capacity
     logits: Tensor  # fp32 router logits (for the z-loss)
     probs: Tensor   # router probabilities, rows summing to 1 (for the balance loss)
+    counts: Tensor  # [E] assignments per expert, before drops
+    kept_counts: Tensor  # [E] assignments per expert, after drops
+    per_token: int | None  # token-choice routers: assignments per token (token-major list); expert choice: None
 
 
 @dataclass(frozen=True)
@@ -39,16 +42,18 @@ class RouterSpec:
     top_k: int | None = None                      # the only top_k this router accepts, if fixed
 
 
-def expert_rank(expert: Tensor, num_experts: int) -> Tensor:
-    """For each assignment, how many earlier assignments (in list order) went to the same expert.
+def expert_rank(expert: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """``(rank, counts)``: for each assignment, how many earlier assignments (in list order) went to the same
+    expert; and the number of assignments of each expert.
 
-    A stable sort by expert keeps list order inside each expert, so rank = sorted position - group start.
+    A stable sort by expert keeps list order inside each expert, so rank = sorted position - group start; the
+    group boundaries come from a binary search in the sorted list (no atomics on E counters, no host sync).
     """
     order = torch.argsort(expert, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=expert.device).index_add_(0, expert, torch.ones_like(expert))
-    group_start = counts.cumsum(0) - counts
-    sorted_rank = torch.arange(expert.numel(), device=expert.device) - group_start[expert[order]]
-    return torch.empty_like(expert).scatter_(0, order, sorted_rank)
+    ordered = expert[order]
+    bounds = torch.searchsorted(ordered, torch.arange(num_experts + 1, device=expert.device, dtype=expert.dtype))
+    sorted_rank = torch.arange(expert.numel(), device=expert.device) - bounds[ordered]
+    return torch.empty_like(expert).scatter_(0, order, sorted_rank), bounds.diff()
 
 
 def _top_k(scores: Tensor, bias: Tensor | None, k: int) -> Tensor:

@@ -4,7 +4,7 @@ balancing, losses and argument checks.
 Tolerances (max absolute error, scaled by ``max(1, max|expected|)``):
 * float32: 1e-5 for outputs and gradients (observed <= 3e-7).
 * bfloat16: 2e-2 against the float32 reference built from the same bf16-rounded weights and inputs
-  (routing runs in float32 on identical values, so it is the same), and grouped vs loop in bf16
+  (the same routing: both take the logits of the bf16 router GEMM), and grouped vs loop in bf16
   (observed: outputs ~2e-3, gradients <= 1.1e-2, i.e. a few bf16 ulps).
 grouped_mm runs on CPU in torch 2.14 (torch's per-group fallback), so it is tested here; the
 ``gpu`` test runs the CUDA path (bf16 fused kernel on sm90+) against the loop.
@@ -307,18 +307,36 @@ def test_causal_token_choice_allowed():
 
 
 @pytest.mark.parametrize("implementation", ["loop", "grouped_mm"])
-def test_autocast_routes_in_float32_and_runs_experts_in_bfloat16(implementation):
-    """Under bf16 autocast the routing is the float32 routing (same experts chosen) and the experts run in
-    bf16 as nn.Linear would; the output is within bf16 tolerance (3e-2) of the float32 layer."""
+def test_autocast_router_gemm_in_bfloat16_and_routing_math_in_float32(implementation):
+    """Under bf16 autocast the router's logits come from a bf16 GEMM (float32 out, as an nn.Linear under autocast
+    would give) and the softmax, top-k and weights are float32; the experts run in bf16; the output is within bf16
+    tolerance (3e-2) of the float32 layer."""
     torch.manual_seed(0)
     m = MoE(64, 64, 8, 2, implementation=implementation)
     x = torch.randn(48, 64, requires_grad=True)
-    y32, aux32 = m(x)
+    y32, _ = m(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y16, aux16 = m(x)
-    assert torch.equal(aux16.load, aux32.load)
-    assert aux16.loss.dtype == torch.float32 and torch.allclose(aux16.loss, aux32.loss)
+    routing = m.route(x.detach().to(torch.bfloat16))
+    expected_logits = F.linear(x.detach().to(torch.bfloat16), m.router.weight.detach().to(torch.bfloat16)).float()
+    assert routing.logits.dtype == torch.float32 and torch.equal(routing.logits, expected_logits)
+    assert routing.weight.dtype == torch.float32 and routing.probs.dtype == torch.float32
+    assert torch.equal(aux16.load, routing.counts.float() / routing.expert.numel())
+    assert aux16.loss.dtype == torch.float32
     err = (y16.float() - y32).abs().max() / y32.abs().max().clamp(min=1)
     assert err < 3e-2
     y16.float().sum().backward()
     assert m.experts.w_in.grad is not None and m.experts.w_in.grad.dtype == torch.float32
+
+
+def test_expert_rank_and_counts_by_hand():
+    from layers.moe import expert_rank
+
+    expert = torch.randint(0, 5, (40,))
+    expert[expert == 3] = 1  # expert 3 gets nothing
+    rank, counts = expert_rank(expert, 5)
+    seen = [0] * 5
+    for a, e in enumerate(expert.tolist()):
+        assert rank[a] == seen[e]
+        seen[e] += 1
+    assert counts.tolist() == seen and seen[3] == 0

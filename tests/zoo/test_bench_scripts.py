@@ -35,7 +35,7 @@ def ssm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     script = load_script("bench_moe_gpu")
-    paths = script.main(["--smoke", "--out", str(tmp_path_factory.mktemp("moe"))])
+    paths = script.main(["--smoke", "--profile", "--out", str(tmp_path_factory.mktemp("moe"))])
     return script, json.loads(paths["json"].read_text()), paths["md"].read_text()
 
 
@@ -94,6 +94,12 @@ def test_moe_layer_rows_and_summary(moe):
         assert s["efficiency"] > 0 and s["grouped_gemm_efficiency"] > 0 and s["loop_speedup"] > 0
         assert s["auto_choice"] == "grouped_mm" or s["auto_choice"].startswith("loop (")
     assert report["device_name"] == "cpu" and "Card: **cpu**" in md and "## MoE layer" in md
+    profiles = layer["profiles"]
+    assert [(p["top_k"], p["hidden"]) for p in profiles] == [(s["top_k"], s["hidden"]) for s in settings]
+    for prof in profiles:
+        names = [e["name"] for e in prof["events"]]
+        assert "aten::_grouped_mm" in names and all(e["ms_per_iter"] > 0 for e in prof["events"])
+    assert "Where the grouped_mm layer's time goes" in md
 
 
 def test_moe_training_matches_active_params(moe):
