@@ -1,8 +1,8 @@
 """Training-free acceleration of the zoo's diffusers U-Nets (:class:`zoo.models.diffusion.DiffusionUNet`).
 
 - :func:`deepcache` (DeepCache, Ma et al. 2024): every ``interval``-th denoising step runs the whole U-Net and
-  caches the input of the up block at depth ``branch``; the steps between run only down blocks ``0..branch``
-  and the up blocks from that depth on, reusing the cached deep features.
+  caches the input of the up pair at skip branch ``branch``; the steps between run only the down pairs up to
+  that branch and the up path from it, reusing the cached deep features.
 - :func:`tome_sd` (ToMe for Stable Diffusion, Bolya & Hoffman 2023): in transformer blocks at downsample
   factors ``<= max_downsample``, ``ratio`` of the tokens are merged into destination tokens (one per
   ``sy x sx`` cell of the feature map) before self-attention and copied back after it.
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 import types
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from layers.token_reduction.base import gather_tokens
 from zoo.models.diffusion import DiffusionUNet
@@ -88,33 +90,68 @@ def _up(block, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, te
     return block(hidden_states=x, res_hidden_states_tuple=res, temb=emb, **_text_kwargs(block, text))
 
 
+@contextmanager
+def _pairs(block: nn.Module, start: int, stop: int, resample: bool):
+    """Narrow a diffusers down/up block, for the duration, to its resnet(+attention) pairs ``[start, stop)``,
+    with its down/upsamplers only when ``resample``: the block's own forward then runs just those (no copy)."""
+    saved = {name: getattr(block, name) for name in ("resnets", "attentions", "downsamplers", "upsamplers")
+             if getattr(block, name, None) is not None}
+    try:
+        for name in ("resnets", "attentions"):
+            if name in saved:
+                setattr(block, name, nn.ModuleList(saved[name][start:stop]))
+        for name in ("downsamplers", "upsamplers"):
+            if name in saved and not resample:
+                setattr(block, name, None)
+        yield block
+    finally:
+        for name, module in saved.items():
+            setattr(block, name, module)
+
+
 def unet_forward(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any, branch: int,
                  cached: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers' U-Net forward split at ``branch``: returns (prediction, input of up block ``-1 - branch``).
+    """diffusers' U-Net forward split at skip branch ``branch``: returns (prediction, cached features).
 
-    Without ``cached`` the whole network runs. With it, only down blocks ``0..branch`` run (for their skip
-    states), then the up blocks from ``-1 - branch`` on, starting from ``cached``.
+    Branch ``b`` is the ``b``-th resnet(+attention) pair of the down path (stage ``b // layers_per_block``,
+    pair ``b % layers_per_block``), as DeepCache's ``cache_branch_id``. The features are the input of the up
+    pair that takes that pair's skip state. Without ``cached`` the whole network runs. With it, only the down
+    pairs up to the branch run (for their skip states), then the up path from that up pair on, from ``cached``.
     """
     from diffusers import UNet2DConditionModel
 
     text = cond if isinstance(unet, UNet2DConditionModel) else None
+    pairs_per_stage = len(unet.down_blocks[0].resnets)
+    stage, pair = divmod(branch, pairs_per_stage)
+    up_stage = len(unet.up_blocks) - 1 - stage
+    entry = pairs_per_stage - 1 - pair  # the up pair that takes the branch's skip state
     emb = _embedding(unet, sample, timesteps, cond)
     x = unet.conv_in(sample)
     skips = [x]
-    first_shallow = len(unet.up_blocks) - 1 - branch
-    for block in unet.down_blocks if cached is None else unet.down_blocks[:branch + 1]:
+
+    def down(block):
+        nonlocal x
         x, states = block(hidden_states=x, temb=emb, **_text_kwargs(block, text))
         skips.extend(states)
+
     if cached is None:
+        for block in unet.down_blocks:
+            down(block)
         if unet.mid_block is not None:
             x = unet.mid_block(x, emb, **_text_kwargs(unet.mid_block, text))
-        for block in unet.up_blocks[:first_shallow]:
+        for block in unet.up_blocks[:up_stage]:
             x = _up(block, x, skips, emb, text)
-        features = x
-    else:  # the shallow up blocks take the first skip states; the last down block's downsampled one goes unused
+        with _pairs(unet.up_blocks[up_stage], 0, entry, resample=False) as block:
+            x = features = _up(block, x, skips, emb, text) if entry else x
+    else:
+        for block in unet.down_blocks[:stage]:
+            down(block)
+        with _pairs(unet.down_blocks[stage], 0, pair + 1, resample=False) as block:
+            down(block)
         x = features = cached
-        del skips[sum(len(b.resnets) for b in unet.up_blocks[first_shallow:]):]
-    for block in unet.up_blocks[first_shallow:]:
+    with _pairs(unet.up_blocks[up_stage], entry, pairs_per_stage + 1, resample=True) as block:
+        x = _up(block, x, skips, emb, text)
+    for block in unet.up_blocks[up_stage + 1:]:
         x = _up(block, x, skips, emb, text)
     if unet.conv_norm_out is not None:
         x = unet.conv_act(unet.conv_norm_out(x))
@@ -128,9 +165,10 @@ class DeepCache(Acceleration):
         super().__init__(model)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got interval={interval!r}")
-        stages = len(model.unet.down_blocks)
-        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < stages:
-            raise ValueError(f"branch must be an int in [0, {stages - 1}] (one per U-Net stage), got branch={branch!r}")
+        branches = sum(len(block.resnets) for block in model.unet.down_blocks)
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < branches:
+            raise ValueError(f"branch must be an int in [0, {branches - 1}] (one per resnet pair of the down path), "
+                             f"got branch={branch!r}")
         if any(hasattr(b, "skip_conv") for b in (*model.unet.down_blocks, *model.unet.up_blocks)):
             raise ValueError("deepcache does not support diffusers' skip blocks (AttnSkipDownBlock2D, ...)")
         self.interval, self.branch = interval, branch
@@ -163,8 +201,10 @@ class DeepCache(Acceleration):
 
 
 def deepcache(model: DiffusionUNet, interval: int = 3, branch: int = 0) -> DeepCache:
-    """Apply DeepCache: model call ``k`` runs the full U-Net when ``k % interval == 0`` (caching the input of
-    up block ``-1 - branch``), otherwise only the shallow blocks down to depth ``branch`` on the cached features.
+    """Apply DeepCache: model call ``k`` runs the full U-Net when ``k % interval == 0`` (caching the input of the
+    up pair that takes skip branch ``branch``), otherwise only the down pairs up to that branch and the up path
+    from it, on the cached features. Branch 0 (DeepCache's default) is the shallowest: the first resnet(+attention)
+    pair of the first stage; branch ``b`` is pair ``b % layers_per_block`` of stage ``b // layers_per_block``.
     The call count restarts when the timestep rises (a new sampling run) or the batch size changes.
     ``interval=1`` reproduces the model exactly. Use as ``with deepcache(model, 3): sample(model, ...)``."""
     return DeepCache(model, interval, branch)

@@ -110,6 +110,35 @@ def test_deepcache_text_unet_counts_and_restarts(text_unet):
     assert relative_error(outs[1], model(x, 700, cond)) < 0.5
 
 
+@torch.no_grad()
+def test_every_branch_runs_only_its_pairs_and_is_exact_on_its_own_features():
+    """Two pairs per stage (as SD's U-Net): on a cached step with the same input and timestep as the full step, the
+    output is exactly the full one, and branch b runs the down pairs 0..b and the up pairs that take their skips
+    (one more per stage: the stage input's)."""
+    torch.manual_seed(0)
+    model = zoo.create_model("unet-sd15", **dict(TINY_SD, layers_per_block=2)).eval()
+    x, cond = inputs(model)
+    resnets = [r for block in (*model.unet.down_blocks, *model.unet.up_blocks) for r in block.resnets]
+    ran = []
+    hooks = [r.register_forward_hook(lambda module, *_: ran.append(module)) for r in resnets]
+    try:
+        for branch in range(4):
+            stage, pair = divmod(branch, 2)
+            with deepcache(model, interval=2, branch=branch):
+                full = model(x, 500, cond)
+                ran.clear()
+                cached = model(x, 500, cond)
+            assert torch.equal(cached, full)
+            downs = sum(r in ran for r in resnets[:4])
+            assert (downs, len(ran) - downs) == (branch + 1, (pair + 2) + 3 * stage)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with pytest.raises(ValueError, match=r"branch must be an int in \[0, 3\]"):
+        deepcache(model, branch=4)
+    assert all(len(block.resnets) == 2 for block in model.unet.down_blocks)  # the narrowing was undone
+
+
 def test_deepcache_errors(pixel_unet):
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="interval"):
