@@ -47,7 +47,8 @@ def _labels(model: DiffusionBackbone, n: int, labels: Any, device: torch.device)
 @torch.no_grad()
 def sample(model: DiffusionBackbone, n: int, steps: int, scheduler: str = "ddim", guidance: float = 1.0,
            labels: Any = None, generator: torch.Generator | None = None, task: Diffusion | None = None) -> torch.Tensor:
-    """``n`` images ``[n, C, H, W]`` in [0, 1] after ``steps`` denoising steps of ``scheduler`` (ddim, dpm, ddpm).
+    """``n`` images ``[n, C, H, W]`` in [0, 1] after ``steps`` denoising steps of ``scheduler`` (ddim, dpm, ddpm);
+    a latent model's samples go through the task's VAE decoder.
 
     ``guidance`` > 1 mixes conditional and unconditional predictions (one batch of ``2n``):
     ``uncond + guidance * (cond - uncond)``; ``labels`` default to cycling through the classes. ``task`` is the
@@ -81,7 +82,7 @@ def sample(model: DiffusionBackbone, n: int, steps: int, scheduler: str = "ddim"
             prediction = unconditional + guidance * (conditional - unconditional)
         x = noise_scheduler.step(prediction, t, x, generator=generator).prev_sample
     model.train(was_training)
-    return ((x + 1) / 2).clamp(0, 1)
+    return ((task.decode(x) + 1) / 2).clamp(0, 1)
 
 
 def save_grid(images: torch.Tensor, path: str | Path) -> Path:

@@ -1,10 +1,13 @@
 """Denoising diffusion training in pixel space (DDPM, Ho et al. 2020): noise the images with diffusers'
 ``DDPMScheduler`` at a uniform random timestep and regress the noise (``epsilon``) or the velocity
 (``v_prediction``, Salimans & Ho 2022) with an MSE. Class-conditioned models see the batch labels, dropped to
-``model.null_class`` with probability ``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022). With a teacher (:meth:`Diffusion.set_teacher`), training adds
+``model.null_class`` with probability ``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022). With ``vae`` (a local diffusers ``AutoencoderKL`` folder) the
+model denoises the VAE's scaled latents instead of pixels (latent diffusion, Rombach et al. 2022). With a teacher (:meth:`Diffusion.set_teacher`), training adds
 BK-SDM's output- and feature-level distillation; evaluation reports the task's loss alone.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +43,8 @@ class Diffusion(Task):
     and the target for images mapped to [-1, 1]. Metrics: ``loss``, ``count`` (images)."""
 
     def __init__(self, prediction: str = "epsilon", beta_schedule: str = "linear", num_train_timesteps: int = 1000,
-                 cond_dropout: float = 0.1, normalization: str = "shapes"):
+                 cond_dropout: float = 0.1, normalization: str = "shapes", vae: str | None = None,
+                 vae_scaling_factor: float | None = None):
         _check_choice("prediction", prediction, PREDICTIONS)
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         _check_choice("normalization", normalization, NORMALIZATIONS)
@@ -53,12 +57,39 @@ class Diffusion(Task):
                              "prediction_type": prediction}
         self.scheduler = DDPMScheduler(**self.noise_config)
         self.distillation = None
+        self.vae = None if vae is None else load_vae(vae)
+        self.latent_scale = None
+        if self.vae is not None:
+            self.latent_scale = vae_scaling_factor or self.vae.config.scaling_factor
+            self.vae_downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
         mean, std = NORMALIZATIONS[normalization]
         self.mean, self.std = (torch.tensor(np.asarray(v, dtype=np.float32))[:, None, None] for v in (mean, std))
 
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         """Dataset-normalised images -> pixels in [-1, 1]."""
         return 2 * (images * self.std.to(images.device) + self.mean.to(images.device)) - 1
+
+    def _vae_on(self, device: torch.device):
+        if next(self.vae.parameters()).device != device:
+            self.vae.to(device)
+        return self.vae
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> what the model denoises: the pixels themselves, or a draw from the VAE's latent
+        distribution times the scaling factor."""
+        if self.vae is None:
+            return pixels
+        vae = self._vae_on(pixels.device)
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator).float() * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """The model's samples -> pixels in [-1, 1] (through the VAE's decoder when there is one)."""
+        if self.vae is None:
+            return samples
+        vae = self._vae_on(samples.device)
+        return vae.decode((samples / self.latent_scale).to(vae.dtype)).sample.float()
 
     def drop_labels(self, labels: torch.Tensor, null_class: int) -> torch.Tensor:
         """Each label replaced by ``null_class`` with probability ``cond_dropout``."""
@@ -72,9 +103,10 @@ class Diffusion(Task):
         return self.scheduler.get_velocity(clean, noise, timesteps)
 
     def objective(self, model, batch, with_metrics=True):
-        clean = self.to_model_space(batch["image"])
+        pixels = self.to_model_space(batch["image"])
         # training draws from the global RNG (seeded and checkpointed by the trainer); evaluation from a fixed seed
-        generator = None if model.training else torch.Generator(clean.device).manual_seed(EVAL_SEED)
+        generator = None if model.training else torch.Generator(pixels.device).manual_seed(EVAL_SEED)
+        clean = self.encode(pixels, generator)
         noise = torch.randn(clean.shape, device=clean.device, generator=generator)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device,
                                   generator=generator)
@@ -116,7 +148,20 @@ class Diffusion(Task):
                              "class-conditioned and unconditional models only")
         item = dataset[0]
         shape = tuple(item["image"].shape)
-        if shape != tuple(model.sample_shape):
+        if self.vae is not None:
+            channels, height, width = shape
+            if channels != self.vae.config.in_channels:
+                raise ValueError(f"the dataset's images have {channels} channels but the VAE takes "
+                                 f"{self.vae.config.in_channels}")
+            f = self.vae_downsample
+            if height % f or width % f:
+                raise ValueError(f"the dataset's images ({height}x{width}) must be divisible by the VAE's "
+                                 f"downsampling factor {f}")
+            latent = (self.vae.config.latent_channels, height // f, width // f)
+            if latent != tuple(model.sample_shape):
+                raise ValueError(f"the VAE turns the dataset's {shape} images into latents of shape {latent} but the "
+                                 f"model's sample_shape is {tuple(model.sample_shape)}")
+        elif shape != tuple(model.sample_shape):
             raise ValueError(f"the dataset's images have shape (channels, height, width) {shape} but the model's "
                              f"sample_shape is {tuple(model.sample_shape)}")
         if model.cond_kind is None:
@@ -127,3 +172,19 @@ class Diffusion(Task):
         if classes is not None and classes > model.null_class:
             raise ValueError(f"the dataset has {classes} classes but {model.model_name} has room for {model.null_class} "
                              f"(label {model.null_class} is the null class)")
+
+
+def load_vae(path: str):
+    """A frozen diffusers ``AutoencoderKL`` from a local folder (config.json + safetensors weights; pickled
+    ``.bin`` weights are refused, never unpickled)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"vae={path!r} is not a diffusers AutoencoderKL folder (no config.json there)")
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                            low_cpu_mem_usage=False)
+    except (OSError, EnvironmentError) as e:
+        raise ValueError(f"vae={path!r}: could not load safetensors weights ({e}); only safetensors are read") from None
+    return vae.eval().requires_grad_(False)
