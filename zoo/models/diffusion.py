@@ -13,8 +13,9 @@ label of classifier-free guidance (dropping labels to it while training is the t
 """
 from __future__ import annotations
 
+import importlib.util
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import NonNegativeInt, PositiveInt, model_validator
@@ -137,10 +138,49 @@ class DiffusionBackbone(ZooModel):
 # --- U-Nets (diffusers) -------------------------------------------------------------------------------------
 
 
+def xformers_installed() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def _set_processor(unet: nn.Module, processor_name: str) -> None:
+    """Give every diffusers attention layer of ``unet`` the processor class ``processor_name`` (stateless, so
+    one instance is shared; ``UNet2DModel`` has no ``set_attn_processor``, hence the walk over modules)."""
+    from diffusers.models import attention_processor
+
+    processor = getattr(attention_processor, processor_name)()
+    for module in unet.modules():
+        if isinstance(module, attention_processor.Attention):
+            module.set_processor(processor)
+
+
+def _use_xformers(unet: nn.Module) -> None:
+    if not xformers_installed():  # checked here so the message is ours, not diffusers'
+        raise ValueError('attention_backend="xformers" needs the xformers package, which is not installed '
+                         '(pip install "effzoo[xformers]"); use "sdpa" or "auto"')
+    unet.enable_xformers_memory_efficient_attention()
+
+
+# attention backend -> installer of diffusers' processors on a U-Net; "auto" resolves to one of these
+ATTENTION_BACKENDS: dict[str, Callable[[nn.Module], None]] = {
+    "sdpa": lambda unet: _set_processor(unet, "AttnProcessor2_0"),  # torch's F.scaled_dot_product_attention
+    "math": lambda unet: _set_processor(unet, "AttnProcessor"),  # explicit softmax: slow reference
+    "xformers": _use_xformers,  # xformers' memory-efficient attention (CUDA only)
+}
+AttentionBackend = Literal["auto", "sdpa", "math", "xformers"]
+
+
+def resolve_attention_backend(name: str) -> str:
+    """``"auto"``: xformers when it is installed and CUDA is available, else SDPA; any other name as is."""
+    if name != "auto":
+        return name
+    return "xformers" if xformers_installed() and torch.cuda.is_available() else "sdpa"
+
+
 class UNetConfig(ModelConfig):
     """The diffusers U-Net arguments the zoo sizes use. With ``cross_attention_dim`` the model is a
     text-conditioned ``UNet2DConditionModel``; without, a ``UNet2DModel``, class-conditioned when
-    ``num_class_embeds`` is set (the last embedding is the null class)."""
+    ``num_class_embeds`` is set (the last embedding is the null class). ``attention_backend`` picks diffusers'
+    attention processors (see :data:`ATTENTION_BACKENDS`; ``"auto"`` is resolved when the model is built)."""
 
     sample_size: PositiveInt
     in_channels: PositiveInt
@@ -154,6 +194,7 @@ class UNetConfig(ModelConfig):
     norm_num_groups: PositiveInt = 32
     cross_attention_dim: PositiveInt | None = None
     num_class_embeds: PositiveInt | None = None
+    attention_backend: AttentionBackend = "auto"
 
     @model_validator(mode="after")
     def _check_unet(self) -> "UNetConfig":
@@ -183,12 +224,14 @@ class DiffusionUNet(DiffusionBackbone):
         super().__init__(config, name)
         from diffusers import UNet2DConditionModel, UNet2DModel  # imported here: diffusers is slow to import
 
-        options = config.model_dump()
+        options = config.model_dump(exclude={"attention_backend"})
         text = options.pop("cross_attention_dim")
         if text is None:
             self.unet = UNet2DModel(**options)
         else:
             self.unet = UNet2DConditionModel(**options, cross_attention_dim=text)
+        self.attention_backend = resolve_attention_backend(config.attention_backend)
+        ATTENTION_BACKENDS[self.attention_backend](self.unet)
         self.cond_arg = "class_labels" if text is None else "encoder_hidden_states"
         self.sample_shape = (config.in_channels, config.sample_size, config.sample_size)
         self.out_channels = config.out_channels
@@ -205,11 +248,15 @@ class DiffusionUNet(DiffusionBackbone):
         return ["attention"]
 
     def layer_summary(self) -> list[dict[str, Any]]:
-        """One row per diffusers attention layer (self- and cross-attention), all softmax attention."""
+        """One row per diffusers attention layer (self- and cross-attention), all softmax attention, with the
+        resolved attention backend."""
         from diffusers.models.attention_processor import Attention
 
         attention = [m for m in self.unet.modules() if isinstance(m, Attention)]
-        return [{"layer": i, "mixer": "attention"} for i in range(len(attention))]
+        return [{"layer": i, "mixer": "attention", "backend": self.attention_backend} for i in range(len(attention))]
+
+    def extra_repr(self) -> str:
+        return f"attention_backend={self.attention_backend!r}"
 
     def check_cond(self, cond: Any, batch: int) -> None:
         dim = self.config.cross_attention_dim
