@@ -96,6 +96,15 @@ class MultiScaleRetention(GatedLinearMixer):
         self.g_norm = (nn.RMSNorm if norm == "rmsnorm" else nn.LayerNorm)(self.head_v_dim, eps=norm_eps)
         self.proj = nn.Linear(value_dim, dim, bias=proj_bias)
         self.rotary = RotaryEmbedding(self.head_k_dim, base=rope_base) if self.rope else None
+        # the fixed per-head decays, made once (decoding runs this mixer one token at a time)
+        self.register_buffer("log_decay", retention_log_decay(num_heads), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Keep ``log_decay`` in float32 under ``.to(bfloat16)``: log(1 - 2^-10) needs float32's precision."""
+        super()._apply(fn, recurse)
+        if self.log_decay.dtype != torch.float32:
+            self.log_decay = retention_log_decay(self.num_heads, self.log_decay.device)
+        return self
 
     def _features(self, x, positions):
         B, T, _ = x.shape
@@ -103,10 +112,10 @@ class MultiScaleRetention(GatedLinearMixer):
         q = self.q_proj(x).view(B, T, H, self.head_k_dim)
         k = self.k_proj(x).view(B, T, H, self.head_k_dim)
         v = self.v_proj(x).view(B, T, H, self.head_v_dim)
-        if self.rotary is not None:
+        if self.rotary is not None:  # q and k rotated as one tensor: half the kernels of a decoding step's rotation
             cos, sin = self.rotary.cos_sin(positions)
-            q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
-        return q, k, v, retention_log_decay(H, x.device)
+            q, k = self.rotary.rotate(torch.cat([q, k], dim=2), cos, sin).split(H, dim=2)
+        return q, k, v, self.log_decay
 
     def _output(self, o, x):
         B, T = o.shape[:2]
