@@ -2,7 +2,7 @@
 
 A layer never imports from ``zoo``. Importing this package registers every built-in mixer.
 """
-from timm.layers import DropPath, PatchEmbed
+from timm.layers import DropPath
 
 from layers import (  # noqa: F401  (registers the mixers)
     based, bidirectional, block_sparse, cosformer, deltanet, gated_deltanet, gla, hyena, linear_attention, linformer,
@@ -13,6 +13,7 @@ from layers.mixer import Mixer, create_mixer, get_mixer_class, list_mixers, pars
 from layers.mlp import SwiGLU, create_mlp, gelu_mlp
 from layers.moe import MoE, MoEAux, count_params
 from layers.norm import LayerNorm, RMSNorm, create_norm
+from layers.patch_embed import PatchEmbed
 from layers.rotary import RotaryEmbedding
 
 __all__ = [
