@@ -1,10 +1,9 @@
 """Benchmark tooling: rows for both regimes and impls, FLOP counts, peers that match ours, reports, the spine script."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 from torch import nn
 
 import layers
@@ -13,7 +12,6 @@ from zoo.bench import benchmark, count_flops, make_target, write_results
 from zoo.models.vit import ViTConfig
 from zoo.peers import SDPAAttention, plain_gpt_like, timm_peer_name, timm_vit_like
 
-REPO = Path(__file__).resolve().parents[2]
 IMPLS = {"attention": "peer:SDPAAttention", "lm-tiny": "peer:PlainGPT", "vit-tiny": "peer:timm/VisionTransformer"}
 
 
@@ -147,9 +145,7 @@ def test_write_results(rows, tmp_path):
 
 
 def test_spine_script_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_spine_gpu", REPO / "scripts" / "bench_spine_gpu.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("bench_spine_gpu")
     paths = script.main(["--smoke", "--out", str(tmp_path)])
     report = json.loads(paths["json"].read_text())
     assert report["device_name"] == "cpu" and report["mfu_formula"].startswith("MFU = ")

@@ -1,28 +1,11 @@
 """The ViT and diffusion GPU benchmark scripts: their --smoke runs on CPU write complete reports."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy CI box spinning threads make runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def run_smoke(script, out: Path, *args: str):
