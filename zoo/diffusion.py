@@ -190,15 +190,14 @@ class Distillation:
     @torch.no_grad()
     def _matching_pairs(self, student: DiffusionBackbone) -> list[tuple[str, str]]:
         candidates = feature_pairs(student, self.teacher)
-        device = next(self.teacher.parameters()).device
-        sample = torch.randn(1, *student.sample_shape, device=device)
-        cond = self.probe_cond(student, device)
+        sample = torch.randn(1, *student.sample_shape)
         shapes = []
         for model, names in ((student, [s for s, _ in candidates]), (self.teacher, [t for _, t in candidates])):
+            device = next(model.parameters()).device
             was_training = model.training
             model.eval()
             with FeatureCapture(model, names) as outputs:
-                model.to(device)(sample, torch.full((1,), 10, device=device), cond)
+                model(sample.to(device), torch.full((1,), 10, device=device), self.probe_cond(model, device))
             model.train(was_training)
             shapes.append([tuple(o.shape) for o in outputs])
         kept = [pair for pair, a, b in zip(candidates, *shapes) if a == b]
