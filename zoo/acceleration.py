@@ -3,8 +3,8 @@
 - :func:`deepcache` (DeepCache, Ma et al. 2024): every ``interval``-th denoising step runs the whole U-Net and
   caches the input of the up pair at skip branch ``branch``; the steps between run only the down pairs up to
   that branch and the up path from it, reusing the cached deep features.
-- :func:`tome_sd` (ToMe for Stable Diffusion, Bolya & Hoffman 2023): in transformer blocks at downsample
-  factors ``<= max_downsample``, ``ratio`` of the tokens are merged into destination tokens (one per
+- :func:`tome_sd` (ToMe for Stable Diffusion, Bolya & Hoffman 2023): in transformer blocks and plain
+  self-attention layers at downsample factors ``<= max_downsample``, ``ratio`` of the tokens are merged into destination tokens (one per
   ``sy x sx`` cell of the feature map) before self-attention and copied back after it.
 
 Both patch one model instance (never diffusers' classes), compose, and return an :class:`Acceleration`
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layers.token_reduction.base import gather_tokens
@@ -277,12 +278,8 @@ def _tome_block_forward(self, hidden_states: torch.Tensor, attention_mask: torch
     tokens merged before self-attention (and cross-attention / MLP when enabled) and unmerged after."""
     tome = self._tome
     merge_attn = merge_cross = merge_mlp = unmerge_attn = unmerge_cross = unmerge_mlp = _identity
-    H, W = tome.sample_hw
-    downsample = math.ceil(math.sqrt(H * W / hidden_states.shape[1]))
-    r = int(hidden_states.shape[1] * tome.ratio)
-    if downsample <= tome.max_downsample and r > 0:
-        m = GridMatching(hidden_states, math.ceil(H / downsample), math.ceil(W / downsample), tome.sx, tome.sy, r,
-                         tome.use_rand)
+    m = tome.matching(hidden_states)
+    if m is not None:
         merge_attn, unmerge_attn = m.merge, m.unmerge
         if tome.merge_crossattn:
             merge_cross, unmerge_cross = m.merge, m.unmerge
@@ -300,13 +297,50 @@ def _tome_block_forward(self, hidden_states: torch.Tensor, attention_mask: torch
     return unmerge_mlp(self.ff(merge_mlp(self.norm3(hidden_states)))) + hidden_states
 
 
+class ToMeAttnProcessor:
+    """Self-attention of a diffusers ``Attention`` layer over a feature map (``AttnDownBlock2D``, ``UNetMidBlock2D``,
+    ... in pixel U-Nets) with ToMe-SD: the group-normed tokens merge before q, k, v and the output is copied back
+    before the residual; otherwise the math of diffusers' ``AttnProcessor2_0``. Calls it cannot merge (text or
+    masks, no match at this resolution) go to the layer's previous processor."""
+
+    def __init__(self, tome: "ToMeSD", previous: Any):
+        self.tome, self.previous = tome, previous
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        plain = (hidden_states.dim() == 4 and encoder_hidden_states is None and attention_mask is None
+                 and attn.spatial_norm is None and attn.norm_q is None and attn.norm_k is None)
+        m = self.tome.matching(_feature_tokens(hidden_states)) if plain else None
+        if m is None:
+            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        tokens = _feature_tokens(hidden_states)
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        tokens = m.merge(tokens)
+        B, C, H, W = hidden_states.shape
+        head_dim = attn.to_q.out_features // attn.heads
+        q, k, v = (proj(tokens).view(B, -1, attn.heads, head_dim).transpose(1, 2)
+                   for proj in (attn.to_q, attn.to_k, attn.to_v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, attn.heads * head_dim)
+        out = m.unmerge(attn.to_out[1](attn.to_out[0](out))).transpose(1, 2).reshape(B, C, H, W)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _feature_tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H * W, C] (a view)."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
 class ToMeSD(Acceleration):
-    """ToMe-SD on a zoo U-Net's transformer blocks (see :func:`tome_sd`)."""
+    """ToMe-SD on a zoo U-Net's transformer blocks and plain self-attention layers (see :func:`tome_sd`)."""
 
     def __init__(self, model: DiffusionUNet, ratio: float, max_downsample: int, sx: int, sy: int, use_rand: bool,
                  merge_crossattn: bool, merge_mlp: bool):
         super().__init__(model)
         from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.attention_processor import Attention
 
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got ratio={ratio!r}")
@@ -314,8 +348,12 @@ class ToMeSD(Acceleration):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
         self.blocks = [m for m in model.unet.modules() if isinstance(m, BasicTransformerBlock)]
-        if not self.blocks:
-            raise ValueError(f"tome_sd needs transformer blocks (a text-conditioned U-Net); {model.model_name} has none")
+        in_blocks = {id(a) for b in self.blocks for a in (b.attn1, b.attn2) if a is not None}
+        self.attentions = [m for m in model.unet.modules()
+                           if isinstance(m, Attention) and id(m) not in in_blocks and not m.is_cross_attention]
+        if not self.blocks and not self.attentions:
+            raise ValueError(f"tome_sd needs self-attention (transformer blocks or attention layers); "
+                             f"{model.model_name} has none")
         unsupported = {b.norm_type for b in self.blocks} - {"layer_norm"}
         if unsupported or any(b.pos_embed is not None or b._chunk_size is not None for b in self.blocks):
             raise ValueError("tome_sd supports Stable Diffusion's transformer blocks (layer norms, no positional "
@@ -326,17 +364,33 @@ class ToMeSD(Acceleration):
         for block in self.blocks:
             block._tome = self
             block.forward = types.MethodType(_tome_block_forward, block)
+        self.previous_processors = [a.processor for a in self.attentions]
+        for attention in self.attentions:
+            attention.set_processor(ToMeAttnProcessor(self, attention.processor))
         self._register()
+
+    def matching(self, tokens: torch.Tensor) -> GridMatching | None:
+        """The merge of ``tokens`` [B, N, C] of a feature map downsampled ``<= max_downsample`` times from the
+        sample, or None where nothing merges."""
+        H, W = self.sample_hw
+        downsample = math.ceil(math.sqrt(H * W / tokens.shape[1]))
+        r = int(tokens.shape[1] * self.ratio)
+        if downsample > self.max_downsample or r == 0:
+            return None
+        return GridMatching(tokens, math.ceil(H / downsample), math.ceil(W / downsample), self.sx, self.sy, r,
+                            self.use_rand)
 
     def _undo(self) -> None:
         for block in self.blocks:
             del block.forward, block._tome
+        for attention, processor in zip(self.attentions, self.previous_processors):
+            attention.set_processor(processor)
 
 
 def tome_sd(model: DiffusionUNet, ratio: float = 0.5, max_downsample: int = 1, sx: int = 2, sy: int = 2,
             use_rand: bool = True, merge_crossattn: bool = False, merge_mlp: bool = False) -> ToMeSD:
-    """Apply ToMe-SD to ``model``'s transformer blocks whose token grid is downsampled ``<= max_downsample``
-    times from the latent: ``ratio`` of the tokens merge before self-attention (and, if enabled, cross-attention
-    and the MLP) and are copied back after. Destinations are one token per ``sy x sx`` cell, random
+    """Apply ToMe-SD to ``model``'s transformer blocks and plain self-attention layers (pixel U-Nets) whose token
+    grid is downsampled ``<= max_downsample`` times from the sample: ``ratio`` of the tokens merge before
+    self-attention (and, in transformer blocks if enabled, cross-attention and the MLP) and are copied back after. Destinations are one token per ``sy x sx`` cell, random
     (``use_rand``, from torch's global generator) or the cell's first. ``ratio=0`` reproduces the model exactly."""
     return ToMeSD(model, ratio, max_downsample, sx, sy, use_rand, merge_crossattn, merge_mlp)

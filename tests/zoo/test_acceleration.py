@@ -211,6 +211,39 @@ def test_tome_sd_errors(text_unet, pixel_unet):
             tome_sd(text_unet, ratio=bad)
     with pytest.raises(ValueError, match="sx"):
         tome_sd(text_unet, sx=0)
-    with pytest.raises(ValueError, match="transformer blocks"):
-        tome_sd(pixel_unet)
-    assert not applied(text_unet)
+    no_attention = zoo.create_model("unet-tiny", down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+                                    mid_block_type=None)
+    with pytest.raises(ValueError, match="tome_sd needs self-attention"):
+        tome_sd(no_attention)
+    assert not applied(text_unet) and not applied(pixel_unet)
+
+
+@torch.no_grad()
+def test_tome_sd_on_plain_attention_layers(pixel_unet):
+    """unet-tiny's self-attention layers (16x16 and 8x8 of a 32x32 sample): at max_downsample 2 the 256 tokens of
+    the 16x16 layers merge to 128; the processor's math equals diffusers' (a merge of nothing gives the output
+    back); removing it restores the processors."""
+    from zoo.acceleration import GridMatching
+
+    model = pixel_unet
+    x, cond = inputs(model)
+    ref = model(x, 500, cond)
+    processors = [m.processor for m in model.unet.modules() if type(m).__name__ == "Attention"]
+    with tome_sd(model, ratio=0.0, max_downsample=2):
+        assert torch.equal(model(x, 500, cond), ref)
+    seen = []
+    hooks = [m.to_q.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+             for m in model.unet.modules() if type(m).__name__ == "Attention"]
+    try:
+        with tome_sd(model, ratio=0.5, max_downsample=2) as handle:
+            merged = model(x, 500, cond)
+            handle.matching = lambda tokens: GridMatching(tokens, int(tokens.shape[1] ** 0.5),
+                                                          int(tokens.shape[1] ** 0.5), 2, 2, 0, False)
+            seen_unmerged = len(seen)
+            torch.testing.assert_close(model(x, 500, cond), ref, atol=1e-5, rtol=1e-5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(set(seen[:seen_unmerged])) == [64, 128]  # 16x16 merged to half; 8x8 (downsample 4) untouched
+    assert 0 < relative_error(merged, ref) < 0.3  # observed 0.03
+    assert [m.processor for m in model.unet.modules() if type(m).__name__ == "Attention"] == processors
