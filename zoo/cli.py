@@ -25,7 +25,8 @@ def cmd_info(args) -> None:
     print("layers:")
     for row in layers:
         state = f"  decoding state {row['state_size']:,} floats at max_seq_len" if "state_size" in row else ""
-        print(f"  {row['layer']:>3}  {row['mixer']}{state}")
+        backend = f"  backend {row['backend']}" if "backend" in row else ""
+        print(f"  {row['layer']:>3}  {row['mixer']}{state}{backend}")
 
 
 def cmd_train(args) -> None:

@@ -23,6 +23,8 @@ def test_list_and_info(capsys):
     main(["info", "lm-tiny"])
     out = capsys.readouterr().out
     assert '"family": "lm"' in out and "attention" in out and "decoding state" in out
+    main(["info", "unet-tiny"])
+    assert "    0  attention  backend sdpa" in capsys.readouterr().out  # auto resolves to SDPA without xformers
 
 
 def test_train_then_eval(tmp_path, capsys):
