@@ -452,3 +452,21 @@ def test_imagefolder_missing_folders(tmp_path, image_root):
     (image_root / "test").rmdir()
     with pytest.raises(FileNotFoundError, match=re.escape(str(image_root / "test"))):
         create_dataset("imagefolder", "test", root=image_root)
+
+
+def test_num_examples_per_split():
+    """``num_examples={"train": n}`` sizes the named splits only: the others keep their default, and their items
+    do not change (a bigger generated training set leaves the validation set alone)."""
+    from zoo.data.images import SHAPES_NUM_EXAMPLES
+
+    train = create_dataset("shapes", "train", num_examples={"train": 12})
+    val = create_dataset("shapes", "val", num_examples={"train": 12})
+    default_val = create_dataset("shapes", "val")
+    assert len(train) == 12 and len(val) == len(default_val) == SHAPES_NUM_EXAMPLES["val"]
+    assert torch.equal(val[3]["image"], default_val[3]["image"])
+    mqar = create_dataset("mqar", "val", vocab_size=64, seq_len=32, num_kv_pairs=4, num_examples={"val": 5, "train": 7})
+    assert len(mqar) == 5
+    with pytest.raises(ValueError, match=r"num_examples keys must be splits \(train, val, test\), got \['valid'\]"):
+        create_dataset("shapes", "val", num_examples={"valid": 3})
+    with pytest.raises(ValueError, match="num_examples must be an int >= 1, got num_examples=0"):
+        create_dataset("listops", "train", num_examples={"train": 0})

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from layers.registry import close_matches
-from zoo.data.registry import SPLITS, check_int, check_split, register_dataset
+from zoo.data.registry import SPLITS, check_int, check_split, register_dataset, split_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,15 +120,14 @@ class Shapes(Dataset):
 
     task = "classification"
 
-    def __init__(self, split: str = "train", image_size: int = 32, num_examples: int | None = None, seed: int = 0,
+    def __init__(self, split: str = "train", image_size: int = 32, num_examples: int | dict[str, int] | None = None, seed: int = 0,
                  classes: list[str] | None = None):
         self._split_index = check_split(split)
         if image_size not in SHAPES_IMAGE_SIZES:
             sizes = ", ".join(map(str, SHAPES_IMAGE_SIZES))
             raise ValueError(f"image_size must be one of {sizes}, got image_size={image_size!r}")
         check_int("seed", seed, 0)
-        num_examples = SHAPES_NUM_EXAMPLES[split] if num_examples is None else num_examples
-        check_int("num_examples", num_examples, 1)
+        num_examples = split_size(num_examples, split, SHAPES_NUM_EXAMPLES)
         self.class_names = list(SHAPES) if classes is None else _check_shape_names(classes)
         if len(set(self.class_names)) != len(self.class_names) or not self.class_names:
             raise ValueError(f"classes must be distinct shape names, got classes={classes!r}")

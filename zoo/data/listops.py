@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.data.registry import check_int, check_split, register_dataset
+from zoo.data.registry import check_int, check_split, register_dataset, split_size
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 DIGITS = tuple(str(d) for d in range(10))
@@ -196,12 +196,11 @@ class ListOps(Dataset):
     vocab = VOCAB
     vocab_size = len(VOCAB)
 
-    def __init__(self, split: str = "train", num_examples: int | None = None, min_length: int = 500,
+    def __init__(self, split: str = "train", num_examples: int | dict[str, int] | None = None, min_length: int = 500,
                  max_length: int = 2000, max_depth: int = 10, max_args: int = 10, seed: int = 0):
         self.split_index = check_split(split)
         check_int("seed", seed, 0)
-        num_examples = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else num_examples
-        check_int("num_examples", num_examples, 1)
+        num_examples = split_size(num_examples, split, DEFAULT_NUM_EXAMPLES)
         _check_arguments(min_length, max_length, max_depth, max_args)
         self.split, self.num_examples, self.seed = split, num_examples, seed
         self.min_length, self.max_length, self.max_depth, self.max_args = min_length, max_length, max_depth, max_args

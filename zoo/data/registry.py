@@ -7,7 +7,7 @@ as a silent zero-step epoch).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -30,6 +30,19 @@ def check_int(name: str, value: object, minimum: int) -> None:
     """ValueError naming the argument ``name`` unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
+
+
+def split_size(num_examples: int | Mapping[str, int] | None, split: str, defaults: Mapping[str, int]) -> int:
+    """How many examples ``split`` has: ``num_examples`` as an int (every split), as ``{split: n}`` (the splits it
+    names; e.g. more generated training data with the usual validation set) or None (``defaults``)."""
+    if isinstance(num_examples, Mapping):
+        unknown = sorted(set(num_examples) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"num_examples keys must be splits ({', '.join(SPLITS)}), got {unknown}")
+        num_examples = num_examples.get(split)
+    size = defaults[split] if num_examples is None else num_examples
+    check_int("num_examples", size, 1)
+    return size
 
 
 def register_dataset(name: str) -> Callable[[Callable], Callable]:

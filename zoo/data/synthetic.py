@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.data.registry import check_int, check_split, register_dataset
+from zoo.data.registry import check_int, check_split, register_dataset, split_size
 
 IGNORE_INDEX = -100
 DEFAULT_NUM_EXAMPLES = {"train": 20000, "val": 1000, "test": 1000}
@@ -50,11 +50,10 @@ class TokenTask(Dataset):
 
     task = "lm"
 
-    def __init__(self, split: str, vocab_size: int, seq_len: int, num_examples: int | None, seed: int):
+    def __init__(self, split: str, vocab_size: int, seq_len: int, num_examples: int | dict[str, int] | None, seed: int):
         split_index = check_split(split)
         check_int("seed", seed, 0)
-        num_examples = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else num_examples
-        check_int("num_examples", num_examples, 1)
+        num_examples = split_size(num_examples, split, DEFAULT_NUM_EXAMPLES)
         self.split, self.vocab_size, self.seq_len, self.seed = split, vocab_size, seq_len, seed
         sequences, answers = self.generate(np.random.default_rng([seed, split_index]), num_examples)
         self.input_ids = torch.from_numpy(sequences[:, :-1].copy())
@@ -84,7 +83,7 @@ class MQAR(TokenTask):
     """
 
     def __init__(self, split: str = "train", vocab_size: int = 8192, seq_len: int = 64, num_kv_pairs: int = 4,
-                 num_examples: int | None = None, power_a: float = 0.01, random_non_queries: bool = True, seed: int = 0):
+                 num_examples: int | dict[str, int] | None = None, power_a: float = 0.01, random_non_queries: bool = True, seed: int = 0):
         check_int("num_kv_pairs", num_kv_pairs, 1)
         check_int("vocab_size", vocab_size, 2 * num_kv_pairs + 2)  # vocab_size // 2 > num_kv_pairs: room for distinct keys
         check_int("seq_len", seq_len, 1)
@@ -129,7 +128,7 @@ class SelectiveCopy(TokenTask):
     NOISE, SEPARATOR = 0, 1
 
     def __init__(self, split: str = "train", vocab_size: int = 16, seq_len: int = 64, num_tokens: int = 8,
-                 num_examples: int | None = None, seed: int = 0):
+                 num_examples: int | dict[str, int] | None = None, seed: int = 0):
         check_int("vocab_size", vocab_size, 3)
         check_int("num_tokens", num_tokens, 1)
         check_int("seq_len", seq_len, 2 * num_tokens)
@@ -161,7 +160,7 @@ class Induction(TokenTask):
     TRIGGER = 0
 
     def __init__(self, split: str = "train", vocab_size: int = 64, seq_len: int = 64,
-                 num_examples: int | None = None, seed: int = 0):
+                 num_examples: int | dict[str, int] | None = None, seed: int = 0):
         check_int("vocab_size", vocab_size, 3)
         check_int("seq_len", seq_len, 3)
         super().__init__(split, vocab_size, seq_len, num_examples, seed)
