@@ -70,6 +70,9 @@ def test_shape_and_file_errors(vae_dir, shapes, tmp_path):
         task.check_data(create_model("unet-tiny", **LATENT_UNET), [{"image": torch.rand(3, 33, 33), "label": 0}])
     with pytest.raises(ValueError, match="the dataset's images have 1 channels but the VAE takes 3"):
         task.check_data(create_model("unet-tiny", **LATENT_UNET), [{"image": torch.rand(1, 32, 32), "label": 0}])
+    for bad in ({"vae_scaling_factor": 0.5}, {"vae": str(vae_dir), "vae_scaling_factor": 0.0}):
+        with pytest.raises(ValueError, match="vae_scaling_factor=.* needs a vae and must be > 0"):
+            create_task("diffusion", **bad)
     with pytest.raises(FileNotFoundError, match="not a diffusers AutoencoderKL folder"):
         create_task("diffusion", vae=str(tmp_path / "missing"))
     pickled = tmp_path / "pickled"

@@ -1,8 +1,10 @@
-"""Denoising diffusion training in pixel space (DDPM, Ho et al. 2020): noise the images with diffusers'
-``DDPMScheduler`` at a uniform random timestep and regress the noise (``epsilon``) or the velocity
-(``v_prediction``, Salimans & Ho 2022) with an MSE. Class-conditioned models see the batch labels, dropped to
-``model.null_class`` with probability ``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022). With ``vae`` (a local diffusers ``AutoencoderKL`` folder) the
-model denoises the VAE's scaled latents instead of pixels (latent diffusion, Rombach et al. 2022). With a teacher (:meth:`Diffusion.set_teacher`), training adds
+"""Denoising diffusion training (DDPM, Ho et al. 2020): noise the images with diffusers' ``DDPMScheduler`` at a
+uniform random timestep and regress the noise (``epsilon``) or the velocity (``v_prediction``, Salimans & Ho 2022)
+with an MSE. Class-conditioned models see the batch labels, dropped to ``model.null_class`` with probability
+``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022).
+
+The model works in pixel space, or with ``vae`` (a local diffusers ``AutoencoderKL`` folder) on the VAE's scaled
+latents (latent diffusion, Rombach et al. 2022). With a teacher (:meth:`Diffusion.set_teacher`), training adds
 BK-SDM's output- and feature-level distillation; evaluation reports the task's loss alone.
 """
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Diffusion(Task):
                              "prediction_type": prediction}
         self.scheduler = DDPMScheduler(**self.noise_config)
         self.distillation = None
+        if vae_scaling_factor is not None and (vae is None or not vae_scaling_factor > 0):
+            raise ValueError(f"vae_scaling_factor={vae_scaling_factor!r} needs a vae and must be > 0")
         self.vae = None if vae is None else load_vae(vae)
         self.latent_scale = None
         if self.vae is not None:
