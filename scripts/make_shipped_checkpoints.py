@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {  # (model name, tag) -> config and overrides
     ("lm-tiny", "mqar"): ("configs/lm/tiny-attention-mqar.yaml", []),
     # the classifier behind zoo.diffusion_eval's conditional accuracy and shapes-FID
-    ("vit-tiny", "shapes"): ("configs/vit/tiny-shapes.yaml", ["train.steps=4000", "train.eval_every=1000"]),
+    # (200k generated training images, so 6000 steps see each about twice; the validation split is the usual 1000)
+    ("vit-tiny", "shapes"): ("configs/vit/tiny-shapes.yaml", ["train.steps=6000", "train.eval_every=2000",
+                                                             "train.warmup_steps=200", "data.num_examples={train: 200000}"]),
 }
 
 
