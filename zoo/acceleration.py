@@ -310,10 +310,10 @@ class ToMeAttnProcessor:
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
         plain = (hidden_states.dim() == 4 and encoder_hidden_states is None and attention_mask is None
                  and attn.spatial_norm is None and attn.norm_q is None and attn.norm_k is None)
-        m = self.tome.matching(_feature_tokens(hidden_states)) if plain else None
+        tokens = hidden_states.flatten(2).transpose(1, 2) if plain else None  # [B, C, H, W] -> [B, H * W, C]
+        m = self.tome.matching(tokens) if plain else None
         if m is None:
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        tokens = _feature_tokens(hidden_states)
         if attn.group_norm is not None:
             tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
         tokens = m.merge(tokens)
@@ -326,11 +326,6 @@ class ToMeAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
-
-
-def _feature_tokens(feature_map: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, H * W, C] (a view)."""
-    return feature_map.flatten(2).transpose(1, 2)
 
 
 class ToMeSD(Acceleration):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.token_reduction.base import TokenReduction, Tokens, check_fraction, register_token_reduction
-from layers.token_reduction.evit import default_evit_layers
+from layers.token_reduction.evit import reduction_layers
 
 
 class ScorePredictor(nn.Module):
@@ -53,10 +53,7 @@ class DynamicViT(TokenReduction):
                  weight: float = 2.0, tau: float = 1.0):
         super().__init__()
         self.keep_rate = check_fraction("keep_rate", keep_rate)
-        self.layers = default_evit_layers(depth) if layers is None else sorted(set(layers))
-        bad = [i for i in self.layers if not 0 <= i < depth]
-        if bad:
-            raise ValueError(f"layers must lie in [0, {depth}), got {bad}")
+        self.layers = reduction_layers(layers, depth)
         self.weight, self.tau = weight, tau
         self.predictors = nn.ModuleList(ScorePredictor(dim) for _ in self.layers)
         self.stage_losses: list[torch.Tensor] = []

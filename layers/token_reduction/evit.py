@@ -19,6 +19,16 @@ def default_evit_layers(depth: int) -> list[int]:
     return sorted({depth * i // 4 for i in (1, 2, 3)} - {0})
 
 
+def reduction_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
+    """The sorted layers a staged method reduces at: ``layers``, or :func:`default_evit_layers`; ValueError naming
+    ``layers`` when one lies outside the model's depth."""
+    chosen = default_evit_layers(depth) if layers is None else sorted(set(layers))
+    bad = [i for i in chosen if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"layers must lie in [0, {depth}), got {bad}")
+    return chosen
+
+
 def evit_reference(x: torch.Tensor, cls_attention: torch.Tensor, keep_rate: float) -> torch.Tensor:
     """Per-sample loop reference: CLS, the kept tokens in their order, then the fused token."""
     out = []
@@ -44,10 +54,7 @@ class EViT(TokenReduction):
     def __init__(self, depth: int, keep_rate: float = 0.7, layers: Sequence[int] | None = None, track_source: bool = False):
         super().__init__()
         self.keep_rate = check_fraction("keep_rate", keep_rate)
-        self.layers = default_evit_layers(depth) if layers is None else sorted(set(layers))
-        bad = [i for i in self.layers if not 0 <= i < depth]
-        if bad:
-            raise ValueError(f"layers must lie in [0, {depth}), got {bad}")
+        self.layers = reduction_layers(layers, depth)
         self.track_source = track_source
 
     def reduces_at(self, layer: int) -> bool:

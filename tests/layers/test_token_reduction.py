@@ -182,3 +182,10 @@ def test_patch_dropout_train_only():
     assert method.eval().start(x)[0] is x
     with pytest.raises(ValueError, match="keep_rate"):
         PatchDropout(keep_rate=0.0)
+
+
+@pytest.mark.parametrize("cls, extra", [(EViT, {}), (DynamicViT, {"dim": 8})])
+def test_reduction_layers_outside_the_depth_are_refused(cls, extra):
+    with pytest.raises(ValueError, match=r"layers must lie in \[0, 4\), got \[4\]"):
+        cls(depth=4, layers=[1, 4], **extra)
+    assert cls(depth=4, layers=[3, 1, 3], **extra).layers == [1, 3]
