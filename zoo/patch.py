@@ -25,14 +25,17 @@ def _reduced_block(block: Block, x: torch.Tensor, tokens: Tokens, layer: int) ->
     attn = block.attn
     B, N, _ = x.shape
     h = block.norm1(x)
-    q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        q, k, v = tokens.project(attn.qkv, h, attn.num_heads)  # may carry log(size) in spare head dims
+    else:  # qk-norm acts on plain head dims: the bias stays an additive mask
+        q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     y, cls_attention = tokens.attend(q, k, v, layer, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     y = attn.norm(y.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if attn.gate is not None:
         y = y * attn.gate(h).sigmoid()
     x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(y))))
-    x = tokens.reduce(x, layer, k, cls_attention)
+    x = tokens.reduce(x, layer, k[..., :attn.head_dim], cls_attention)
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 

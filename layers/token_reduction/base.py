@@ -22,6 +22,8 @@ TOKEN_REDUCTIONS = Registry("token reduction")
 
 # filled in by the model, never by the spec
 MODEL_ARGUMENTS = ("depth", "dim")
+# spare head dims that carry proportional attention's log(size) (a multiple of 8, as flash kernels need)
+BIAS_SLOTS = 8
 
 
 def register_token_reduction(name: str):
@@ -110,20 +112,49 @@ class Tokens:
             return None
         return self.size.log().transpose(1, 2)[:, None]
 
+    def project(self, qkv: nn.Linear, x: torch.Tensor, num_heads: int):
+        """q, k, v [B, H, N, D'|D] of a block's fused ``qkv`` projection of ``x`` [B, N, C], for :meth:`attend`.
+
+        Under proportional attention with merged tokens, log(size) rides in ``BIAS_SLOTS`` spare head
+        dims of q and k (D' = D + 8; q holds 1, k holds log(size) sqrt(D)), so q k^T / sqrt(D) already
+        carries the bias and SDPA keeps its fused kernels (cuDNN, which takes a wider q and k than v),
+        which are several times slower with an additive mask. Padding the weights costs far less than
+        concatenating the slots to q and k. Otherwise D' = D."""
+        B, N, _ = x.shape
+        head_dim = qkv.out_features // (3 * num_heads)
+        bias = self.attention_bias()
+        if bias is None:
+            return qkv(x).view(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        width = head_dim + BIAS_SLOTS
+        weight = qkv.weight.view(3, num_heads, head_dim, -1)
+        weight = torch.cat([F.pad(weight[:2], (0, 0, 0, BIAS_SLOTS)).flatten(0, 2), weight[2].flatten(0, 1)])
+        qkv_bias = qkv.bias.view(3, num_heads, head_dim) if qkv.bias is not None else weight.new_zeros(3, num_heads, head_dim)
+        qk_bias = F.pad(qkv_bias[:2], (0, BIAS_SLOTS))
+        qk_bias[0, :, head_dim] = 1.0  # the query slot
+        out = F.linear(x, weight, torch.cat([qk_bias.flatten(), qkv_bias[2].flatten()]))
+        qk = out[..., : 2 * num_heads * width].view(B, N, 2, num_heads, width)
+        qk[:, :, 1, :, head_dim] = bias.view(B, N, 1) * math.sqrt(head_dim)  # the key slot
+        v = out[..., 2 * num_heads * width:].view(B, N, num_heads, head_dim)
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v.transpose(1, 2)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, dropout_p: float = 0.0):
-        """softmax(q k^T / sqrt(d) + log(size)) v over live tokens; q, k, v [B, H, N, D].
+        """softmax(q k^T / sqrt(D) + log(size)) v over live tokens, D = v's head dim; q, k, v [B, H, N, .] from
+        :meth:`project`: when q and k are wider than v the bias is already in q k^T, otherwise it is added as
+        a mask.
 
         Returns (output [B, H, N, D], CLS attention [B, N] averaged over heads, or None when the
         method at ``layer`` does not need it)."""
-        bias = self.attention_bias()
+        head_dim = v.shape[-1]
+        bias = self.attention_bias() if q.shape[-1] == head_dim else None
         need_cls = self.method.needs_cls_attention and self.method.reduces_at(layer)
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(head_dim)
         if self.keep is not None:  # DynamicViT training: explicit masked softmax (differentiable in keep)
             logits = (q @ k.transpose(-1, -2)) * scale
             logits = logits if bias is None else logits + bias
             probs = F.dropout(masked_softmax(logits, self.keep), dropout_p)
             return probs @ v, probs[:, :, 0].mean(dim=1) if need_cls else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
         if not need_cls:
             return out, None
         cls_logits = (q[:, :, :1] @ k.transpose(-1, -2)) * scale  # [B, H, 1, N]

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from layers.token_reduction.base import TokenReduction, Tokens, gather_tokens, register_token_reduction
+from layers.token_reduction.base import TokenReduction, Tokens, register_token_reduction
 
 
 def tome_schedule(r: int | Sequence[int], depth: int, inflection: float = 0.0) -> list[int]:
@@ -48,23 +48,41 @@ def clip_r(r: int, num_tokens: int) -> int:
 
 
 class Matching:
-    """The outcome of bipartite soft matching on N tokens: A token ``src[b, i]`` joins B token
-    ``dst[b, i]``; A tokens ``unmerged`` stay. Indices are positions within A (``x[:, ::2]``) and B
-    (``x[:, 1::2]``)."""
+    """The outcome of bipartite soft matching: ``rows[b, j]``, the output token that input token j
+    joins, out of ``num_out`` = N - r (the kept A tokens in order, CLS first, then the B tokens).
 
-    def __init__(self, unmerged: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
-        self.unmerged, self.src, self.dst = unmerged, src, dst
+    A merge is a linear map from N tokens to N - r, so it runs as one batched matrix product with a
+    [B, N - r, N] matrix holding one weight per column: the GEMM reads the tokens once, where gathers,
+    scatters and concatenations would pass over them several times."""
+
+    def __init__(self, rows: torch.Tensor, num_out: int):
+        self.rows, self.num_out = rows, num_out
+
+    def combine(self, weights: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> [B, N - r, C]: output row i is the sum of ``weights[b, j] t[b, j]`` over the tokens j
+        with ``rows[b, j] = i``. The first N - N % 8 tokens go through one GEMM with the [B, N - r, N] merge
+        matrix (a reduction length that is a multiple of 8 keeps cuBLAS on its tensor-core tiles: an odd
+        one, such as 197 tokens, makes it fall back to a kernel ~3x slower); the last few are added in place."""
+        (batch, n), dim = self.rows.shape, t.shape[-1]
+        aligned = n - n % 8
+        head = self.rows[:, :aligned]
+        matrix = weights.new_zeros(batch, self.num_out, aligned).scatter_(1, head[:, None], weights[:, None, :aligned])
+        out = matrix @ t[:, :aligned]
+        if aligned == n:
+            return out
+        tail = self.rows[:, aligned:, None].expand(-1, -1, dim)
+        return out.scatter_add_(1, tail, t[:, aligned:] * weights[:, aligned:, None])
 
     def merge_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, N, C] -> [B, N - r, C]: kept A tokens (in order, CLS first), then B tokens plus what joined them."""
-        a, b = t[:, ::2], t[:, 1::2]
-        joined = b.scatter_add(1, self.dst[..., None].expand(-1, -1, t.shape[-1]), gather_tokens(a, self.src))
-        return torch.cat([gather_tokens(a, self.unmerged), joined], dim=1)
+        """[B, N, C] -> [B, N - r, C]: each output token is the sum of the tokens that joined it."""
+        return self.combine(t.new_ones(self.rows.shape), t)
 
     def merge_average(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Size-weighted average of merged tokens: (sum size_i x_i / sum size_i, sum size_i)."""
-        new_size = self.merge_sum(size)
-        return self.merge_sum(x * size) / new_size, new_size
+        """Size-weighted average of merged tokens: (sum size_i x_i / sum size_i, sum size_i); size [B, N, 1]."""
+        size = size[..., 0]
+        new_size = size.new_zeros(size.shape[0], self.num_out).scatter_add_(1, self.rows, size)
+        weights = size / new_size.gather(1, self.rows)
+        return self.combine(weights.to(x.dtype), x), new_size[..., None]
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
@@ -75,8 +93,18 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     scores[:, 0] = float("-inf")  # the CLS token never merges
     best, best_b = scores.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
-    src = order[:, :r]
-    return Matching(order[:, r:].sort(dim=-1).values, src, best_b.gather(1, src))
+    src, kept = order[:, :r], order[:, r:].sort(dim=-1).values
+    (batch, num_a), num_b = a.shape[:2], b.shape[1]
+    num_kept = num_a - r
+    # output row of every A token: kept ones in order, merged ones that of their B partner
+    row_a = torch.empty_like(order)
+    row_a.scatter_(1, kept, torch.arange(num_kept, device=order.device).expand(batch, -1))
+    row_a.scatter_(1, src, num_kept + best_b.gather(1, src))
+    row_b = num_kept + torch.arange(num_b, device=order.device).expand(batch, -1)
+    rows = torch.stack([row_a[:, :num_b], row_b], dim=-1).flatten(1)  # interleave A, B positions
+    if num_a > num_b:  # odd N: the last token is an A token
+        rows = torch.cat([rows, row_a[:, -1:]], dim=1)
+    return Matching(rows, metric.shape[1] - r)
 
 
 def naive_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,3 +48,17 @@ def test_other_layouts_run_timms_convolution():
     conv.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(ours(x), conv(x)) and ours(x).shape == (2, 16, 8, 8)
+
+
+def test_leading_slots_hold_the_zero_patch_and_leave_the_patches_alone():
+    """Rows written in passing for a CLS token hold the embedding of an all-zero patch (the bias); the patch
+    rows are the usual output, bit for bit."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(32, 4, 3, 16)
+    x = torch.randn(2, 3, 32, 32)
+    out = embed(x, leading_slots=2)
+    assert out.shape == (2, 2 + 64, 16)
+    torch.testing.assert_close(out[:, 2:], embed(x), atol=0, rtol=0)
+    torch.testing.assert_close(out[:, :2], embed.proj.bias.expand(2, 2, -1), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="leading_slots needs the flattened token output"):
+        PatchEmbed(32, 4, 3, 16, flatten=False)(x, leading_slots=1)

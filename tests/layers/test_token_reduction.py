@@ -189,3 +189,64 @@ def test_reduction_layers_outside_the_depth_are_refused(cls, extra):
     with pytest.raises(ValueError, match=r"layers must lie in \[0, 4\), got \[4\]"):
         cls(depth=4, layers=[1, 4], **extra)
     assert cls(depth=4, layers=[3, 1, 3], **extra).layers == [1, 3]
+
+
+# --- ToMe fast paths: the merge matrix and log(size) in spare head dims ---------------------------
+
+
+def test_tome_merge_gradient_equals_brute_force():
+    x, metric = torch.randn(2, 13, 6, requires_grad=True), torch.randn(2, 13, 5)
+    size = torch.randint(1, 4, (2, 13, 1)).float()
+    weights = torch.randn(2, 13 - 4, 6)
+    (naive_merge(x, metric, size, 4)[0] * weights).sum().backward()
+    want, x.grad = x.grad, None
+    (bipartite_soft_matching(metric, 4).merge_average(x, size)[0] * weights).sum().backward()
+    torch.testing.assert_close(x.grad, want)
+
+
+def test_tome_merge_in_bfloat16_matches_float32():
+    """bf16 merge weights (size / merged size) round to 8 bits: error of the order of bf16's epsilon (2^-8)."""
+    x, metric = torch.randn(2, 37, 16), torch.randn(2, 37, 8)
+    size = torch.randint(1, 6, (2, 37, 1)).float()
+    matching = bipartite_soft_matching(metric, 10)
+    want, _ = matching.merge_average(x, size)
+    got, got_size = matching.merge_average(x.bfloat16(), size.bfloat16())
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    assert torch.equal(got_size.sum(dim=1).float(), size.sum(dim=1))  # small integers: exact in bf16
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_bias_in_spare_head_dims_equals_additive_mask(qkv_bias):
+    """Tokens.project folds log(size) into 8 spare head dims of q and k; attention over them equals SDPA over
+    the plain projections with log(size) as a mask, forward and backward (fp32: 1e-5)."""
+    torch.manual_seed(0)
+    num_heads, dim, n = 2, 16, 9
+    qkv, proj = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias), torch.nn.Linear(dim, dim)
+    x = torch.randn(3, n, dim, requires_grad=True)
+    _, tokens = ToMe(depth=1, r=0).start(x.detach())
+    tokens.size = torch.randint(1, 5, (3, n, 1)).float()
+
+    def attention(folded: bool):
+        if folded:
+            q, k, v = tokens.project(qkv, x, num_heads)
+            assert q.shape[-1] == dim // num_heads + 8
+        else:
+            q, k, v = qkv(x).view(3, n, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = tokens.attend(q, k, v, layer=0)[0]
+        return proj(y.transpose(1, 2).flatten(2))
+
+    want = attention(folded=False)
+    params = [x, qkv.weight, proj.weight]
+    grads = torch.autograd.grad(want.square().sum(), params)
+    got = attention(folded=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(torch.autograd.grad(got.square().sum(), params), grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_project_without_merged_tokens_is_the_plain_projection():
+    qkv = torch.nn.Linear(8, 24)
+    x = torch.randn(2, 5, 8)
+    _, tokens = ToMe(depth=1, r=1).start(x)
+    q, k, v = tokens.project(qkv, x, num_heads=2)
+    torch.testing.assert_close(torch.stack([q, k, v]), qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4))

@@ -3,6 +3,7 @@
 ViT converted from it reduce alike (1e-5)."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -145,6 +146,18 @@ def test_patch_timm_with_layer_scale_and_qk_norm():
         torch.testing.assert_close(patch(model, "tome", r=0)(images), want, atol=0, rtol=0)
         patch(model, "tome", r=4)(images)
     assert model.token_reduction.last_tokens.size.shape == (2, 17 - 8, 1)
+
+
+def test_patch_mask_fallback_equals_folded_bias(timm_vit):
+    """With qk-norm or an attention-output norm, log(size) stays an additive mask instead of riding in spare
+    head dims: with those modules as identities that aren't nn.Identity, both paths agree (fp32: 1e-5)."""
+    fallback = copy.deepcopy(timm_vit)
+    for block in fallback.blocks:
+        block.attn.q_norm, block.attn.k_norm, block.attn.norm = torch.nn.Sequential(), torch.nn.Sequential(), torch.nn.Sequential()
+    images = torch.randn(*IMAGES)
+    with torch.no_grad():
+        want = patch(timm_vit, "tome", r=8)(images)
+        torch.testing.assert_close(patch(fallback, "tome", r=8)(images), want, atol=1e-5, rtol=1e-5)
 
 
 def test_patch_refuses_other_models():

@@ -77,10 +77,10 @@ class ViTBlock(nn.Module):
         if tokens is None or not tokens.intercepts(self.layer):
             x = x + self.drop_path(self.mixer(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        q, k, v = self.mixer._project(self.norm1(x), positions=None)
+        q, k, v = tokens.project(self.mixer.qkv, self.norm1(x), self.mixer.num_heads)
         y, cls_attention = tokens.attend(q, k, v, self.layer)
         x = x + self.drop_path(self.mixer._merge(y))
-        x = tokens.reduce(x, self.layer, k, cls_attention)
+        x = tokens.reduce(x, self.layer, k[..., :self.mixer.head_dim], cls_attention)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -121,8 +121,8 @@ class ViT(ZooModel):
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (c, s, s):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must have shape [batch, {c}, {s}, {s}], got {shape}")
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.patch_embed(images, leading_slots=1)
+        x[:, 0] = self.cls_token[:, 0]  # row 0 came out of the patch GEMM as an empty slot
         x = self.pos_drop(x + self.pos_embed)
         tokens = None
         if self.token_reduction is not None:
