@@ -26,7 +26,7 @@ def _reduced_block(block: Block, x: torch.Tensor, tokens: Tokens, layer: int) ->
     B, N, _ = x.shape
     h = block.norm1(x)
     if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
-        q, k, v = tokens.project(attn.qkv, h, attn.num_heads)  # may carry log(size) in spare head dims
+        q, k, v = tokens.project(attn.qkv, h, attn.num_heads, layer)  # may carry log(size) in spare head dims
     else:  # qk-norm acts on plain head dims: the bias stays an additive mask
         q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)

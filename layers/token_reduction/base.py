@@ -100,6 +100,7 @@ class Tokens:
         self.size: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
         self.proportional = proportional
+        self.key_mean: torch.Tensor | None = None  # the keys averaged over heads, when :meth:`project` computed them
         self.source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1) if track_source else None
 
     def intercepts(self, layer: int) -> bool:
@@ -112,29 +113,32 @@ class Tokens:
             return None
         return self.size.log().transpose(1, 2)[:, None]
 
-    def project(self, qkv: nn.Linear, x: torch.Tensor, num_heads: int):
-        """q, k, v [B, H, N, D'|D] of a block's fused ``qkv`` projection of ``x`` [B, N, C], for :meth:`attend`.
+    def project(self, qkv: nn.Linear, x: torch.Tensor, num_heads: int, layer: int):
+        """q, k, v [B, H, N, D'|D] of block ``layer``'s fused ``qkv`` projection of ``x`` [B, N, C], for :meth:`attend`.
 
         Under proportional attention with merged tokens, log(size) rides in ``BIAS_SLOTS`` spare head
         dims of q and k (D' = D + 8; q holds 1, k holds log(size) sqrt(D)), so q k^T / sqrt(D) already
         carries the bias and SDPA keeps its fused kernels (cuDNN, which takes a wider q and k than v),
         which are several times slower with an additive mask. Padding the weights costs far less than
-        concatenating the slots to q and k. Otherwise D' = D."""
+        concatenating the slots to q and k. Otherwise D' = D. When the method reduces here by the keys
+        averaged over heads (ToMe), that average comes out of the same GEMM (the head-averaged key
+        weights are a linear map too), cheaper than reducing the strided keys afterwards."""
         B, N, _ = x.shape
         head_dim = qkv.out_features // (3 * num_heads)
         bias = self.attention_bias()
-        if bias is None:
+        wants_key_mean = self.method.needs_key_mean and self.method.reduces_at(layer)
+        self.key_mean = None
+        if bias is None and not wants_key_mean:
             return qkv(x).view(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        width = head_dim + BIAS_SLOTS
-        weight = qkv.weight.view(3, num_heads, head_dim, -1)
-        weight = torch.cat([F.pad(weight[:2], (0, 0, 0, BIAS_SLOTS)).flatten(0, 2), weight[2].flatten(0, 1)])
-        qkv_bias = qkv.bias.view(3, num_heads, head_dim) if qkv.bias is not None else weight.new_zeros(3, num_heads, head_dim)
-        qk_bias = F.pad(qkv_bias[:2], (0, BIAS_SLOTS))
-        qk_bias[0, :, head_dim] = 1.0  # the query slot
-        out = F.linear(x, weight, torch.cat([qk_bias.flatten(), qkv_bias[2].flatten()]))
+        weight, fused_bias = self.method.fused_projection(qkv, num_heads, bias is not None, wants_key_mean)
+        out = F.linear(x, weight, fused_bias)
+        width = head_dim + (BIAS_SLOTS if bias is not None else 0)
         qk = out[..., : 2 * num_heads * width].view(B, N, 2, num_heads, width)
-        qk[:, :, 1, :, head_dim] = bias.view(B, N, 1) * math.sqrt(head_dim)  # the key slot
-        v = out[..., 2 * num_heads * width:].view(B, N, num_heads, head_dim)
+        if bias is not None:
+            qk[:, :, 1, :, head_dim] = bias.view(B, N, 1) * math.sqrt(head_dim)  # the key slot
+        v = out[..., 2 * num_heads * width: 2 * num_heads * width + num_heads * head_dim].view(B, N, num_heads, head_dim)
+        if wants_key_mean:
+            self.key_mean = out[..., -head_dim:]
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v.transpose(1, 2)
 
@@ -165,7 +169,11 @@ class Tokens:
         """Apply the method at ``layer`` (between attention and MLP); ``keys`` [B, H, N, D]."""
         if not self.method.reduces_at(layer):
             return x
-        return self.method.reduce(x, self, layer, keys, cls_attention)
+        key_mean = None
+        if self.method.needs_key_mean:
+            key_mean = self.key_mean if self.key_mean is not None else keys.mean(dim=1)
+        self.key_mean = None
+        return self.method.reduce(x, self, layer, key_mean, cls_attention)
 
     def select(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Keep tokens ``index`` [B, M] of ``x`` and of every per-token record."""
@@ -185,12 +193,41 @@ class TokenReduction(nn.Module):
 
     reduction_name: str
     needs_cls_attention = False
+    needs_key_mean = False
     proportional_attention = False
     track_source = False
 
     def __init__(self):
         super().__init__()
         self.last_tokens: Tokens | None = None
+        self._projections: dict = {}  # fused_projection's inference cache
+
+    def fused_projection(self, qkv: nn.Linear, num_heads: int, bias_slots: bool, key_mean: bool):
+        """Weight and bias of the widened qkv projection behind :meth:`Tokens.project`: q and k with
+        ``BIAS_SLOTS`` spare dims per head (the query slot's bias 1), then v, then the head-averaged key
+        weights. Without gradients (inference) they are built once per projection and kept while its
+        weights stay the same tensors at the same version (a copy of the qkv weights per block)."""
+        stamp = (qkv.weight.data_ptr(), qkv.weight._version, qkv.weight.dtype,
+                 None if qkv.bias is None else (qkv.bias.data_ptr(), qkv.bias._version))
+        key = (id(qkv), bias_slots, key_mean, torch.is_inference_mode_enabled())
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and key in self._projections and self._projections[key][0] == stamp:
+            return self._projections[key][1]
+        head_dim = qkv.out_features // (3 * num_heads)
+        weight = qkv.weight.view(3, num_heads, head_dim, -1)
+        bias = qkv.bias.view(3, num_heads, head_dim) if qkv.bias is not None else weight.new_zeros(3, num_heads, head_dim)
+        qk_weight, qk_bias = weight[:2], bias[:2]
+        if bias_slots:
+            qk_weight, qk_bias = F.pad(qk_weight, (0, 0, 0, BIAS_SLOTS)), F.pad(qk_bias, (0, BIAS_SLOTS))
+            qk_bias[0, :, head_dim] = 1.0  # the query slot
+        weights, biases = [qk_weight.flatten(0, 2), weight[2].flatten(0, 1)], [qk_bias.flatten(), bias[2].flatten()]
+        if key_mean:
+            weights.append(weight[1].mean(dim=0))
+            biases.append(bias[1].mean(dim=0))
+        fused = torch.cat(weights), torch.cat(biases)
+        if cacheable:
+            self._projections[key] = (stamp, fused)
+        return fused
 
     def start(self, x: torch.Tensor) -> tuple[torch.Tensor, Tokens]:
         """Open a forward: the record of ``x`` [B, N, C] (CLS first) and ``x`` after :meth:`prepare`."""
@@ -204,8 +241,10 @@ class TokenReduction(nn.Module):
     def reduces_at(self, layer: int) -> bool:
         return False
 
-    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, keys: torch.Tensor,
+    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, key_mean: torch.Tensor | None,
                cls_attention: torch.Tensor | None) -> torch.Tensor:
+        """``key_mean`` [B, N, D]: the keys averaged over heads (when ``needs_key_mean``); ``cls_attention``
+        [B, N]: the CLS token's attention averaged over heads (when ``needs_cls_attention``)."""
         return x
 
     def aux_loss(self) -> torch.Tensor | None:

@@ -70,7 +70,7 @@ class DynamicViT(TokenReduction):
     def reduces_at(self, layer: int) -> bool:
         return self.keep_rate < 1.0 and layer in self.layers
 
-    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, keys: torch.Tensor,
+    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, key_mean: torch.Tensor | None,
                cls_attention: torch.Tensor | None) -> torch.Tensor:
         stage = self.layers.index(layer)
         patches = x[:, 1:]

@@ -60,7 +60,7 @@ class EViT(TokenReduction):
     def reduces_at(self, layer: int) -> bool:
         return self.keep_rate < 1.0 and layer in self.layers
 
-    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, keys: torch.Tensor,
+    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, key_mean: torch.Tensor | None,
                cls_attention: torch.Tensor) -> torch.Tensor:
         n = x.shape[1] - 1
         keep = math.ceil(self.keep_rate * n)

@@ -49,7 +49,8 @@ def clip_r(r: int, num_tokens: int) -> int:
 
 class Matching:
     """The outcome of bipartite soft matching: ``rows[b, j]``, the output token that input token j
-    joins, out of ``num_out`` = N - r (the kept A tokens in order, CLS first, then the B tokens).
+    joins, out of ``num_out`` = N - r. Tokens keep their order: the survivors (every token but the r
+    merged A tokens, CLS first) in their original positions, each merged A token inside its B partner.
 
     A merge is a linear map from N tokens to N - r, so it runs as one batched matrix product with a
     [B, N - r, N] matrix holding one weight per column: the GEMM reads the tokens once, where gathers,
@@ -67,11 +68,11 @@ class Matching:
         aligned = n - n % 8
         head = self.rows[:, :aligned]
         matrix = weights.new_zeros(batch, self.num_out, aligned).scatter_(1, head[:, None], weights[:, None, :aligned])
-        out = matrix @ t[:, :aligned]
-        if aligned == n:
-            return out
-        tail = self.rows[:, aligned:, None].expand(-1, -1, dim)
-        return out.scatter_add_(1, tail, t[:, aligned:] * weights[:, aligned:, None])
+        out = matrix @ t[:, :aligned]  # bf16 under autocast, like every matmul there
+        if aligned < n:
+            tail = self.rows[:, aligned:, None].expand(-1, -1, dim)
+            out = out.scatter_add_(1, tail, (t[:, aligned:] * weights[:, aligned:, None]).to(out.dtype))
+        return out.to(t.dtype)
 
     def merge_sum(self, t: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, N - r, C]: each output token is the sum of the tokens that joined it."""
@@ -88,28 +89,20 @@ class Matching:
 def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     """Match the ``r`` most similar A tokens to B tokens; ``metric`` [B, N, C], token 0 (CLS) protected."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)  # [B, Na, Nb] cosine similarities
-    scores[:, 0] = float("-inf")  # the CLS token never merges
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # [B, Na, Nb] cosine similarities
     best, best_b = scores.max(dim=-1)
-    order = best.argsort(dim=-1, descending=True)
-    src, kept = order[:, :r], order[:, r:].sort(dim=-1).values
-    (batch, num_a), num_b = a.shape[:2], b.shape[1]
-    num_kept = num_a - r
-    # output row of every A token: kept ones in order, merged ones that of their B partner
-    row_a = torch.empty_like(order)
-    row_a.scatter_(1, kept, torch.arange(num_kept, device=order.device).expand(batch, -1))
-    row_a.scatter_(1, src, num_kept + best_b.gather(1, src))
-    row_b = num_kept + torch.arange(num_b, device=order.device).expand(batch, -1)
-    rows = torch.stack([row_a[:, :num_b], row_b], dim=-1).flatten(1)  # interleave A, B positions
-    if num_a > num_b:  # odd N: the last token is an A token
-        rows = torch.cat([rows, row_a[:, -1:]], dim=1)
+    best[:, 0] = float("-inf")  # the CLS token never merges
+    src = best.topk(r, dim=-1, sorted=False).indices  # the A tokens merged away
+    survives = torch.ones_like(metric[..., 0], dtype=torch.bool)
+    survives[:, ::2].scatter_(1, src, False)
+    rows = survives.cumsum(dim=1).sub_(1)  # a survivor's output row: how many survivors precede it
+    rows[:, ::2].scatter_(1, src, rows[:, 1::2].gather(1, best_b.gather(1, src)))  # merged: its partner's row
     return Matching(rows, metric.shape[1] - r)
 
 
 def naive_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for one merge step by brute force (loops over tokens and pairs); same output order as
-    :meth:`Matching.merge_average`: kept A tokens, then B tokens."""
+    :meth:`Matching.merge_average`: the surviving tokens in their original order."""
     xs, sizes = [], []
     for xb, mb, sb in zip(x, metric, size):
         set_a, set_b = list(range(0, len(xb), 2)), list(range(1, len(xb), 2))
@@ -118,7 +111,7 @@ def naive_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: in
             sims = [(torch.cosine_similarity(mb[i], mb[j], dim=0).item(), j) for j in set_b]
             best[i] = max(sims)
         merged_away = sorted(best, key=lambda i: best[i][0], reverse=True)[:r]
-        groups = [[i] for i in set_a if i not in merged_away] + [[j] + [i for i in merged_away if best[i][1] == j] for j in set_b]
+        groups = [[p] + [i for i in merged_away if best[i][1] == p] for p in range(len(xb)) if p not in merged_away]
         sizes.append(torch.stack([sum(sb[i] for i in g) for g in groups]))
         xs.append(torch.stack([sum(sb[i] * xb[i] for i in g) / sum(sb[i] for i in g) for g in groups]))
     return torch.stack(xs), torch.stack(sizes)
@@ -138,15 +131,17 @@ class ToMe(TokenReduction):
         self.proportional_attention = proportional_attention
         self.track_source = track_source
 
+    needs_key_mean = True
+
     def reduces_at(self, layer: int) -> bool:
         return self.schedule[layer] > 0
 
-    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, keys: torch.Tensor,
+    def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, key_mean: torch.Tensor,
                cls_attention: torch.Tensor | None) -> torch.Tensor:
         r = clip_r(self.schedule[layer], x.shape[1])
         if r == 0:
             return x
-        matching = bipartite_soft_matching(keys.mean(dim=1), r)
+        matching = bipartite_soft_matching(key_mean, r)
         size = tokens.size if tokens.size is not None else x.new_ones(*x.shape[:2], 1)
         x, tokens.size = matching.merge_average(x, size)
         if tokens.source is not None:

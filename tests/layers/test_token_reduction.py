@@ -54,9 +54,9 @@ def test_tome_hand_checked_example():
     x = torch.tensor([[[float(i), 10.0 * i] for i in range(5)]])
     size = torch.tensor([[[1.0], [1.0], [3.0], [1.0], [1.0]]])
     merged, new_size = bipartite_soft_matching(metric, r=1).merge_average(x, size)
-    # kept A tokens (CLS, 4), then B tokens (1 + 2, 3)
-    torch.testing.assert_close(merged, torch.tensor([[[0.0, 0.0], [4.0, 40.0], [1.75, 17.5], [3.0, 30.0]]]))
-    torch.testing.assert_close(new_size, torch.tensor([[[1.0], [1.0], [4.0], [1.0]]]))
+    # the survivors in their order: CLS, 1 + 2, 3, 4
+    torch.testing.assert_close(merged, torch.tensor([[[0.0, 0.0], [1.75, 17.5], [3.0, 30.0], [4.0, 40.0]]]))
+    torch.testing.assert_close(new_size, torch.tensor([[[1.0], [4.0], [1.0], [1.0]]]))
 
 
 @pytest.mark.parametrize("n,r", [(11, 3), (10, 4), (17, 1)])
@@ -228,7 +228,7 @@ def test_bias_in_spare_head_dims_equals_additive_mask(qkv_bias):
 
     def attention(folded: bool):
         if folded:
-            q, k, v = tokens.project(qkv, x, num_heads)
+            q, k, v = tokens.project(qkv, x, num_heads, layer=0)
             assert q.shape[-1] == dim // num_heads + 8
         else:
             q, k, v = qkv(x).view(3, n, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -248,5 +248,35 @@ def test_project_without_merged_tokens_is_the_plain_projection():
     qkv = torch.nn.Linear(8, 24)
     x = torch.randn(2, 5, 8)
     _, tokens = ToMe(depth=1, r=1).start(x)
-    q, k, v = tokens.project(qkv, x, num_heads=2)
+    q, k, v = tokens.project(qkv, x, num_heads=2, layer=0)
     torch.testing.assert_close(torch.stack([q, k, v]), qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4))
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["first-layer", "with-sizes"])
+def test_project_computes_the_key_mean_in_its_gemm(merged):
+    """ToMe's metric, the keys averaged over heads, comes out of the qkv GEMM: equal to averaging the keys
+    (fp32: 1e-5), with and without the log(size) slots, and q, k, v unchanged."""
+    torch.manual_seed(0)
+    qkv, x = torch.nn.Linear(12, 36), torch.randn(2, 7, 12)
+    _, tokens = ToMe(depth=1, r=2).start(x)
+    if merged:
+        tokens.size = torch.randint(1, 4, (2, 7, 1)).float()
+    q, k, v = tokens.project(qkv, x, num_heads=3, layer=0)
+    want_q, want_k, want_v = qkv(x).view(2, 7, 3, 3, 4).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(tokens.key_mean, want_k.mean(dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k[..., :4], want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q[..., :4], want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_projection_is_cached_without_gradients_only():
+    qkv, method = torch.nn.Linear(8, 24), ToMe(depth=1, r=1)
+    with torch.no_grad():
+        first = method.fused_projection(qkv, 2, bias_slots=True, key_mean=True)
+        assert method.fused_projection(qkv, 2, bias_slots=True, key_mean=True)[0] is first[0]
+        assert method.fused_projection(qkv, 2, bias_slots=False, key_mean=True)[0].shape == (2 * 8 + 8 + 4, 8)
+        qkv.weight.add_(1.0)  # new weights: rebuilt
+        rebuilt = method.fused_projection(qkv, 2, bias_slots=True, key_mean=True)
+        assert rebuilt[0] is not first[0] and torch.allclose(rebuilt[0][-4:], qkv.weight[8:16].view(2, 4, 8).mean(0))
+    grad_mode = method.fused_projection(qkv, 2, bias_slots=True, key_mean=True)
+    assert grad_mode[0] is not rebuilt[0] and grad_mode[0].requires_grad  # built afresh inside the autograd graph

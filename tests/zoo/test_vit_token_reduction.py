@@ -57,6 +57,19 @@ def test_tome_and_evit_reduce_tokens(base):
     assert logits.shape == (2, 10) and (logits - base(images)).abs().max() > 1e-4
 
 
+# 65 tokens: 64 go through the GEMM, 1 is added after; r=1 has a layer of 64 tokens (all in the GEMM)
+@pytest.mark.parametrize("r", [1, 7], ids=["one-aligned-layer", "tails"])
+def test_tome_under_bf16_autocast_keeps_the_residual_dtype(base, r):
+    """Under autocast the merge GEMM runs in bf16 like every matmul; the merged tokens keep the residual
+    stream's float32 (the tail of tokens past the last multiple of 8 is added in the GEMM's dtype). Closeness
+    to float32 is not asserted here: bf16 noise may flip which tokens merge (the layer-level bf16 test covers
+    the merge itself)."""
+    tome = twin(base, {"name": "tome", "r": r})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = tome.forward_features(torch.randn(*IMAGES))
+    assert features.dtype == torch.float32 and features.shape[1] == 65 - 4 * r and features.isfinite().all()
+
+
 def test_registered_variants():
     assert {"vit-tiny-tome", "vit-tiny-evit", "vit-b16-tome", "vit-b16-evit"} <= set(zoo.list_models("vit-*"))
     assert zoo.model_info("vit-b16-tome")["config"]["token_reduction"] == {"name": "tome", "r": 15}

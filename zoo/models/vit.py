@@ -77,7 +77,7 @@ class ViTBlock(nn.Module):
         if tokens is None or not tokens.intercepts(self.layer):
             x = x + self.drop_path(self.mixer(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        q, k, v = tokens.project(self.mixer.qkv, self.norm1(x), self.mixer.num_heads)
+        q, k, v = tokens.project(self.mixer.qkv, self.norm1(x), self.mixer.num_heads, self.layer)
         y, cls_attention = tokens.attend(q, k, v, self.layer)
         x = x + self.drop_path(self.mixer._merge(y))
         x = tokens.reduce(x, self.layer, k[..., :self.mixer.head_dim], cls_attention)
