@@ -128,7 +128,8 @@ class Dispatch(torch.autograd.Function):
     """``buffer[r] = x[source[r]]`` (``source == N``: a zero row). Token-choice routing only: each token's
     assignments sit in the buffer rows ``slots[n]`` (``[N, k]``), so the backward sums those k rows by a gather
     instead of autograd's accumulating scatter (a sort, or atomics). A dropped assignment's slot is the shared
-    zero row, whose gradient is exactly 0 (see :class:`Combine`), so it adds nothing."""
+    zero row, whose gradient is exactly 0 (see :class:`Combine`), so it adds nothing. (``F.embedding_bag`` would
+    skip the [N, k, dim] copy but is 1.9-2.5x slower on an H200.)"""
 
     @staticmethod
     def forward(ctx, x: Tensor, source: Tensor, slots: Tensor) -> Tensor:
@@ -144,8 +145,9 @@ class Dispatch(torch.autograd.Function):
 class Combine(torch.autograd.Function):
     """``y[n] = sum_j weight[n, j] * out[slots[n, j]]``: a batched GEMM in ``out``'s dtype with float32
     accumulation (the weights rounded to that dtype, as HF Mixtral and torchtitan combine). The kept slots are
-    distinct rows of ``out``, so the backward writes ``out``'s gradient with a plain scatter; dropped assignments
-    have weight 0 and share one zero row, whose gradient is then exactly 0."""
+    distinct rows of ``out``, so the backward writes ``out``'s gradient with a plain row copy (``index_copy_``,
+    ~30% faster than an indexed assignment on an H200); dropped assignments have weight 0 and share one zero
+    row, whose gradient is then exactly 0."""
 
     @staticmethod
     def forward(ctx, out: Tensor, weight: Tensor, slots: Tensor) -> Tensor:
@@ -157,8 +159,8 @@ class Combine(torch.autograd.Function):
         out, weight, slots = ctx.saved_tensors
         grad_out = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_out = out.new_zeros(out.shape)
-            grad_out[slots.reshape(-1)] = (weight.to(out.dtype).unsqueeze(-1) * grad.unsqueeze(1)).flatten(0, 1)
+            rows = (weight.to(out.dtype).unsqueeze(-1) * grad.unsqueeze(1)).flatten(0, 1)
+            grad_out = out.new_zeros(out.shape).index_copy_(0, slots.reshape(-1), rows)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.bmm(out[slots], grad.unsqueeze(-1)).squeeze(-1).to(weight.dtype)
         return grad_out, grad_weight, None
