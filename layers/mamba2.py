@@ -114,14 +114,21 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
 
 
 def ssd_step(x, dt, A, B, C, D=None, initial_state=None):
-    """One decoding step (T = 1) via :func:`recurrent_step`; same arguments and outputs as
-    :func:`ssd_chunked`, initial_state required."""
-    H, ct = x.shape[2], _compute_dtype(x)
-    q, k = _per_head(C, H)[:, 0].to(x.dtype), _per_head(B, H)[:, 0].to(x.dtype)
-    v = (x[:, 0].to(ct) * dt[:, 0].to(ct)[..., None]).to(x.dtype)
-    log_g = (dt[:, 0].to(ct) * A.to(ct))[..., None]  # [B, H, 1]
-    o, S = recurrent_step(q, k, v, log_g, initial_state.transpose(-1, -2), scale=1.0, state_dtype=ct)
-    return _skip(o[:, None].to(ct), x, D).to(x.dtype), S.transpose(-1, -2)
+    """One decoding step (T = 1) of :func:`ssd_recurrent_ref`, in float32 (float64 stays), initial_state
+    required; same arguments and outputs as :func:`ssd_chunked`. A decoding step is launch-bound (at batch 8
+    every kernel costs ~2 us on an H100 whatever its size), so this is written for few kernels: per (sequence,
+    group) the state update is one batched GEMM, h * exp(dt A) + (dt x) B^T, and the readout another, h C, with
+    the heads of a group stacked along the rows (no per-head copies of B and C)."""
+    batch, _, H, P = x.shape
+    ct, G, N = _compute_dtype(x), B.shape[2], B.shape[3]
+    x0, dt0 = x[:, 0], dt[:, 0].to(ct)  # [B, H, P], [B, H]
+    rows = (batch * G, H // G * P)  # the heads of a group are consecutive
+    decayed = initial_state.to(ct) * torch.exp(dt0 * A.to(ct))[..., None, None]  # [B, H, P, N]
+    h = torch.baddbmm(decayed.reshape(*rows, N), (x0 * dt0[..., None]).reshape(*rows, 1), B[:, 0].to(ct).reshape(-1, 1, N))
+    y = torch.bmm(h, C[:, 0].to(ct).reshape(-1, N, 1)).view(batch, H, P)
+    if D is not None:
+        y = torch.addcmul(y, x0, D.to(ct)[:, None])
+    return y[:, None].to(x.dtype), h.view(batch, H, P, N)
 
 
 class GatedRMSNorm(nn.Module):
@@ -134,9 +141,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (g.flatten(-2) * self.weight.float()).to(y.dtype)
+        g = (y * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # float32 by type promotion
+        g = F.rms_norm(g, (self.group_size,), eps=self.eps).flatten(-2)
+        return (g * self.weight.float()).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
@@ -214,7 +221,7 @@ class Mamba2(SelectiveSSMMixer):
         xBC, conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                         None if state is None else state["conv"], lengths)
         xs, B, C = F.silu(xBC).transpose(1, 2).split([self.d_inner, G * N, G * N], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
+        dt = F.softplus(dt + self.dt_bias.float())  # [B, T, H], float32 by type promotion
         if mask is not None:
             dt = dt * mask[..., None]  # padded steps neither decay nor write to the state
         A = -torch.exp(self.A_log.float())

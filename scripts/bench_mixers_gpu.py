@@ -7,10 +7,11 @@
     ``ours-torch`` our chunked PyTorch path (``backend="torch"``; target <= 2.5x fla at T = 16k);
     ``sdpa``       causal ``F.scaled_dot_product_attention`` on the same q, k, v (the crossover: the
                    smallest T at which a mixer's time drops below it).
-(b) Decoding: lm-125m with attention (KV cache) against lm-125m-gla / -retnet / -deltanet: a prompt of
-    ``context`` tokens is prefilled (in 1024-token pieces), then ``steps`` tokens are decoded one at a
-    time; tokens/s of the decoding steps and the peak memory while decoding (target: >= 5x the
-    attention model's tokens/s at 16k, with memory flat in the context).
+(b) Decoding: lm-125m with attention (KV cache, eager) against lm-125m-gla / -retnet / -deltanet / -mamba2: a
+    prompt of ``context`` tokens is prefilled (in 1024-token pieces), then ``steps`` tokens are decoded one at
+    a time, eagerly, as a replayed CUDA graph, and as a replayed graph of the torch.compile'd step; tokens/s
+    of the decoding steps and the peak memory while decoding (target: >= 5x the attention model's tokens/s
+    at 16k, with memory flat in the context).
 
     python scripts/bench_mixers_gpu.py [--out DIR] [--only kernels|decoding]
     python scripts/bench_mixers_gpu.py --smoke --out DIR   # CPU, tiny sizes, torch paths only
@@ -177,28 +178,35 @@ def kernel_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- (b) decoding -------------------------------------------------------------------------------------
 
 
-def decode_row(name: str, context: int, p: dict[str, Any], graph: bool) -> dict[str, Any]:
+DECODE_MODES = {"eager": dict(graph=False), "cuda graph": dict(graph=True),
+                "cuda graph + compile": dict(graph=True, compile=True)}
+
+
+def decode_row(name: str, context: int, p: dict[str, Any], mode: str) -> dict[str, Any]:
     """One decoding measurement (``zoo.bench.decode_throughput``) as a report row."""
-    row = {"section": "decoding", "model": name, "mode": "cuda graph" if graph else "eager", "context": context,
+    row = {"section": "decoding", "model": name, "mode": mode, "context": context,
            "batch": p["decode_batch"], "steps": p["decode_steps"], "error": None}
     return row | decode_throughput(name, context, p["decode_batch"], p["decode_steps"], torch.device(p["device"]),
-                                   p["dtype"], p["prefill_piece"], graph)
+                                   p["dtype"], p["prefill_piece"], **DECODE_MODES[mode])
 
 
 def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    modes = (False, True) if p["device"] == "cuda" else (False,)
-    for name, graph, context in ((n, g, c) for n in p["decode_models"] for g in modes for c in p["contexts"]):
-        if graph and not fixed_size_state(name):
+    modes = list(DECODE_MODES) if p["device"] == "cuda" else ["eager"]
+    for name, mode, context in ((n, m, c) for n in p["decode_models"] for m in modes for c in p["contexts"]):
+        if mode != "eager" and not fixed_size_state(name):
             continue
         try:
-            row = decode_row(name, context, p, graph)
+            row = decode_row(name, context, p, mode)
         except torch.OutOfMemoryError:
-            row = {"section": "decoding", "model": name, "mode": "cuda graph" if graph else "eager", "context": context,
+            row = {"section": "decoding", "model": name, "mode": mode, "context": context,
                    "batch": p["decode_batch"], "error": "oom"}
+        except Exception as error:  # a failed compile or capture is reported in its row; the run goes on
+            row = {"section": "decoding", "model": name, "mode": mode, "context": context,
+                   "batch": p["decode_batch"], "error": f"{type(error).__name__}: {str(error)[:200]}"}
         release(torch.device(p["device"]))
         rows.append(row)
-        say(f"decoding {name:<18} {row['mode']:<10} context={context:>6} " + (
+        say(f"decoding {name:<18} {row['mode']:<20} context={context:>6} " + (
             f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.2f} ms  peak {row['peak_decode_mb'] or 0:,.0f} MB"
             f"  state {row['state_mb']:,.1f} MB" if not row.get("error") else row["error"]))
     return rows
@@ -257,8 +265,8 @@ def markdown(report: dict[str, Any]) -> str:
                       for r in k["rows"]))]
     if "decoding" in report:
         d = report["decoding"]
-        parts += [f"## Decoding (batch {d['batch']}, {d['steps']} greedy steps after the context, bf16; eager, and "
-                  "replayed CUDA graphs for models with fixed-size states)\n",
+        parts += [f"## Decoding (batch {d['batch']}, {d['steps']} greedy steps after the context, bf16; eager, and for "
+                  "models with fixed-size states replayed CUDA graphs of the eager or the torch.compile'd step)\n",
                   markdown_table(("model", "mode", "context", "tokens/s", "ms/step", "peak MB while decoding", "state MB",
                                   "error"), (
                       (r["model"], r["mode"], r["context"], fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("step_ms")),

@@ -245,11 +245,11 @@ def tensor_bytes(tree: Any) -> int:
 
 
 def decode_throughput(name: str, context: int, batch: int, steps: int, device: torch.device, dtype: torch.dtype,
-                      prefill_piece: int = 1024, graph: bool = False) -> dict[str, Any]:
+                      prefill_piece: int = 1024, graph: bool = False, compile: bool = False) -> dict[str, Any]:
     """Decoding speed of LM ``name``: prefill ``context`` random tokens (in ``prefill_piece``-token pieces),
     then time ``steps`` greedy single-token steps, eagerly or (``graph``) as replays of a captured CUDA
-    graph (``zoo.decoding.GraphedDecoder``). Returns tokens/s, ms per step, the decoding state's size and
-    the peak memory while decoding (CUDA)."""
+    graph (``zoo.decoding.GraphedDecoder``; with ``compile``, of the torch.compile'd step). Returns tokens/s,
+    ms per step, the decoding state's size and the peak memory while decoding (CUDA)."""
     from zoo.decoding import GraphedDecoder
 
     with torch.device(device):
@@ -266,7 +266,7 @@ def decode_throughput(name: str, context: int, batch: int, steps: int, device: t
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         if graph:
-            advance = GraphedDecoder(model, states).step
+            advance = GraphedDecoder(model, states, compile=compile).step
         else:
             def advance(ids):
                 nonlocal states

@@ -166,7 +166,8 @@ def test_patch_mask_fallback_equals_folded_bias(timm_vit):
     head dims: with those modules as identities that aren't nn.Identity, both paths agree (fp32: 1e-5)."""
     fallback = copy.deepcopy(timm_vit)
     for block in fallback.blocks:
-        block.attn.q_norm, block.attn.k_norm, block.attn.norm = torch.nn.Sequential(), torch.nn.Sequential(), torch.nn.Sequential()
+        for name in ("q_norm", "k_norm", "norm"):
+            setattr(block.attn, name, torch.nn.Sequential())
     images = torch.randn(*IMAGES)
     with torch.no_grad():
         want = patch(timm_vit, "tome", r=8)(images)

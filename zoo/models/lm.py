@@ -179,20 +179,23 @@ class LM(ZooModel):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, cuda_graph: bool = False) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool = False, compile: bool = False) -> torch.Tensor:
         """Sample ``max_new_tokens`` after ``idx`` through the mixers' ``step`` path; ``temperature=0`` is greedy.
         ``cuda_graph=True`` replays each step as a captured CUDA graph (``zoo.decoding``): CUDA only, and
-        only for models whose decoding state has a fixed size (no attention KV cache)."""
+        only for models whose decoding state has a fixed size (no attention KV cache); ``compile=True`` (with
+        ``cuda_graph``) captures the torch.compile'd step, fewer and fused kernels."""
         self._check_ids(idx, offset=max_new_tokens)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if compile and not cuda_graph:
+            raise ValueError("compile=True compiles the captured decoding step: it needs cuda_graph=True")
         if cuda_graph and idx.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model and idx on a CUDA device, got {idx.device.type}")
         states = self.init_state(idx.shape[0], device=idx.device, max_len=idx.shape[1] + max_new_tokens)
         logits, states = self.prefill(idx, states)
-        decoder = GraphedDecoder(self, states) if cuda_graph and max_new_tokens else None
+        decoder = GraphedDecoder(self, states, compile=compile) if cuda_graph and max_new_tokens else None
         out = [idx]
         for _ in range(max_new_tokens):
             next_id = sample_next(logits[:, -1], temperature, top_k, generator)
