@@ -115,20 +115,21 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
 
 def ssd_step(x, dt, A, B, C, D=None, initial_state=None):
     """One decoding step (T = 1) of :func:`ssd_recurrent_ref`, in float32 (float64 stays), initial_state
-    required; same arguments and outputs as :func:`ssd_chunked`. A decoding step is launch-bound (at batch 8
-    every kernel costs ~2 us on an H100 whatever its size), so this is written for few kernels: per (sequence,
-    group) the state update is one batched GEMM, h * exp(dt A) + (dt x) B^T, and the readout another, h C, with
-    the heads of a group stacked along the rows (no per-head copies of B and C)."""
+    required; same arguments and outputs as :func:`ssd_chunked`. Written as broadcasts over a [B, G, H/G,
+    P, N] view of the state (no per-head copies of B and C): under torch.compile (``GraphedDecoder(compile=
+    True)``) the update, the readout and the copy into the state buffer fuse into one kernel, where
+    batched GEMMs would stay separate launches (a decoding step is launch-bound: ~2-3 us a kernel)."""
     batch, _, H, P = x.shape
     ct, G, N = _compute_dtype(x), B.shape[2], B.shape[3]
-    x0, dt0 = x[:, 0], dt[:, 0].to(ct)  # [B, H, P], [B, H]
-    rows = (batch * G, H // G * P)  # the heads of a group are consecutive
-    decayed = initial_state.to(ct) * torch.exp(dt0 * A.to(ct))[..., None, None]  # [B, H, P, N]
-    h = torch.baddbmm(decayed.reshape(*rows, N), (x0 * dt0[..., None]).reshape(*rows, 1), B[:, 0].to(ct).reshape(-1, 1, N))
-    y = torch.bmm(h, C[:, 0].to(ct).reshape(-1, N, 1)).view(batch, H, P)
+    x0, dt0 = x[:, 0].to(ct), dt[:, 0].to(ct)  # [B, H, P], [B, H]
+    grouped = lambda t: t.unflatten(1, (G, H // G))  # [B, H, ...] -> [B, G, H/G, ...]
+    per_group = lambda t: t[:, 0].to(ct)[:, :, None, None, :]  # [B, 1, G, N] -> [B, G, 1, 1, N]
+    decay = grouped(torch.exp(dt0 * A.to(ct)))[..., None, None]
+    h = grouped(initial_state.to(ct)) * decay + grouped(x0 * dt0[..., None])[..., None] * per_group(B)
+    y = (h * per_group(C)).sum(-1).flatten(1, 2)  # [B, H, P]
     if D is not None:
-        y = torch.addcmul(y, x0, D.to(ct)[:, None])
-    return y[:, None].to(x.dtype), h.view(batch, H, P, N)
+        y = y + x0 * D.to(ct)[:, None]
+    return y[:, None].to(x.dtype), h.flatten(1, 2)
 
 
 class GatedRMSNorm(nn.Module):
