@@ -280,3 +280,27 @@ def test_fused_projection_is_cached_without_gradients_only():
         assert rebuilt[0] is not first[0] and torch.allclose(rebuilt[0][-4:], qkv.weight[8:16].view(2, 4, 8).mean(0))
     grad_mode = method.fused_projection(qkv, 2, bias_slots=True, key_mean=True)
     assert grad_mode[0] is not rebuilt[0] and grad_mode[0].requires_grad  # built afresh inside the autograd graph
+
+
+@pytest.mark.gpu
+def test_tome_fast_paths_on_cuda_follow_the_float32_reference():
+    """On CUDA in bf16: attention with log(size) in spare q/k dims (SDPA picks a fused kernel that takes v
+    narrower than q, k) and the merge GEMM (197 tokens: 192 in the GEMM, 5 added after) stay within bf16
+    error (2e-2 of the scale) of the float32 mask path and of the brute-force merge."""
+    torch.manual_seed(0)
+    dim, heads, n = 768, 12, 197
+    qkv = torch.nn.Linear(dim, 3 * dim).cuda()
+    x = torch.randn(4, n, dim, device="cuda")
+    _, tokens = ToMe(depth=1, r=0).start(x)
+    tokens.size = torch.randint(1, 6, (4, n, 1), device="cuda").float()
+    q, k, v = qkv(x).view(4, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    want = tokens.attend(q, k, v, layer=0)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        q, k, v = tokens.project(qkv, x, heads, layer=0)
+        got = tokens.attend(q, k, v, layer=0)[0]
+    assert q.shape[-1] == dim // heads + 8 and got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 2e-2 * want.abs().max()
+    metric, size = torch.randn(4, n, 64, device="cuda"), torch.randint(1, 4, (4, n, 1), device="cuda").float()
+    want_x, _ = naive_merge(x[:1].cpu(), metric[:1].cpu(), size[:1].cpu(), 16)
+    got_x, _ = bipartite_soft_matching(metric[:1], 16).merge_average(x[:1].bfloat16(), size[:1].bfloat16())
+    assert (got_x.float().cpu() - want_x).abs().max() < 2e-2 * want_x.abs().max()
