@@ -13,12 +13,14 @@
     of the decoding steps and the peak memory while decoding (target: >= 5x the attention model's tokens/s
     at 16k, with memory flat in the context).
 
-    python scripts/bench_mixers_gpu.py [--out DIR] [--only kernels|decoding]
+    python scripts/bench_mixers_gpu.py [--out DIR] [--only kernels|decoding] [--mixers linear,retnet] [--seq-lens 16384]
+                                       [--compile]   # also the torch path under torch.compile
     python scripts/bench_mixers_gpu.py --smoke --out DIR   # CPU, tiny sizes, torch paths only
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +125,9 @@ def time_fwd_bwd(fn: Callable[[], Any], inputs: list[torch.Tensor], device: torc
     return median_ms(run, device, warmup, iters, clear)
 
 
-def kernel_rows(p: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
+def kernel_rows(p: dict[str, Any], names: list[str], compile: bool = False) -> list[dict[str, Any]]:
+    """Every implementation of every case at every length; ``compile`` adds ``ours-torch-compiled``, the torch path
+    under ``torch.compile`` (compiled once per length, before timing)."""
     device, dtype, H, D = torch.device(p["device"]), p["dtype"], p["heads"], p["head_dim"]
     use_fla = fla_available() and device.type == "cuda"
     rows = []
@@ -140,6 +144,9 @@ def kernel_rows(p: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
                                                                 is_causal=True),),
                 **{name: (lambda m=m: case.ours_call(m, q, k, v, **extra)) for name, m in mixers.items()},
             }
+            if compile:
+                compiled = torch.compile(functools.partial(case.ours_call, mixers["ours-torch"]), dynamic=False)
+                impls["ours-torch-compiled"] = lambda: compiled(q, k, v, **extra)
             if use_fla:
                 impls["fla"] = lambda: case.fla_call(q, k, v, **extra)
             for impl, fn in impls.items():
@@ -167,6 +174,7 @@ def kernel_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         per_t = [{"seq_len": T,
                   "ours_fla_vs_fla": ratio(ms.get((mixer, T, "ours-fla")), ms.get((mixer, T, "fla"))),
                   "ours_torch_vs_fla": ratio(ms.get((mixer, T, "ours-torch")), ms.get((mixer, T, "fla"))),
+                  "ours_torch_compiled_vs_fla": ratio(ms.get((mixer, T, "ours-torch-compiled")), ms.get((mixer, T, "fla"))),
                   **{f"{impl.replace('-', '_')}_vs_sdpa": ratio(ms.get((mixer, T, impl)), ms.get((mixer, T, "sdpa")))
                      for impl in ("fla", "ours-fla", "ours-torch")}} for T in lengths]
         crossover = {impl: next((r["seq_len"] for r in per_t if (r[f"{impl}_vs_sdpa"] or 2.0) < 1.0), None)
@@ -249,12 +257,13 @@ def markdown(report: dict[str, Any]) -> str:
         for s in k["summary"]:
             for r in s["per_seq_len"]:
                 body.append((s["mixer"], r["seq_len"], fmt(r["ours_fla_vs_fla"], ".3f"), fmt(r["ours_torch_vs_fla"]),
-                             fmt(r["fla_vs_sdpa"]), fmt(r["ours_fla_vs_sdpa"]), fmt(r["ours_torch_vs_sdpa"])))
+                             fmt(r["ours_torch_compiled_vs_fla"]), fmt(r["fla_vs_sdpa"]), fmt(r["ours_fla_vs_sdpa"]),
+                             fmt(r["ours_torch_vs_sdpa"])))
         parts += [f"## Kernels (B*T = {k['tokens']}, {k['heads']} heads of {k['head_dim']}, {k['dtype']}, fwd+bwd)\n",
-                  f"Targets: ours-fla/fla <= {FLA_TARGET}; ours-torch/fla <= {TORCH_TARGET} at T = 16k. "
-                  "x/sdpa < 1 means faster than causal SDPA.\n",
-                  markdown_table(("mixer", "T", "ours-fla/fla", "ours-torch/fla", "fla/sdpa", "ours-fla/sdpa",
-                                  "ours-torch/sdpa"), body),
+                  f"Targets: ours-fla/fla <= {FLA_TARGET}; ours-torch/fla <= {TORCH_TARGET} at T = 16k (eager, and "
+                  "under torch.compile where `--compile` ran). x/sdpa < 1 means faster than causal SDPA.\n",
+                  markdown_table(("mixer", "T", "ours-fla/fla", "ours-torch/fla", "ours-torch-compiled/fla", "fla/sdpa",
+                                  "ours-fla/sdpa", "ours-torch/sdpa"), body),
                   "Crossover (smallest T faster than causal SDPA):\n",
                   markdown_table(("mixer", "fla", "ours-fla", "ours-torch"), (
                       (s["mixer"], *(s["crossover_vs_sdpa"][i] or "not reached" for i in ("fla", "ours_fla", "ours_torch")))
@@ -287,8 +296,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, torch paths only: check the script runs")
     parser.add_argument("--only", choices=("kernels", "decoding"), help="run one section")
     parser.add_argument("--mixers", help="comma-separated kernel cases to run (default: all)")
+    parser.add_argument("--seq-lens", help="comma-separated kernel lengths T (default: the preset's)")
+    parser.add_argument("--compile", action="store_true", help="also time the torch path under torch.compile")
     args = parser.parse_args(argv)
     p = PRESETS["smoke" if args.smoke else "gpu"]
+    if args.seq_lens:
+        p = {**p, "seq_lens": tuple(int(t) for t in args.seq_lens.split(","))}
     if p["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available: run this on the GPU machine, or pass --smoke for the CPU check")
     device_name = torch.cuda.get_device_name() if p["device"] == "cuda" else "cpu"
@@ -304,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         unknown = sorted(set(names) - {c.mixer for c in KERNELS})
         if unknown:
             raise SystemExit(f"--mixers: unknown {unknown}; choose from {[c.mixer for c in KERNELS]}")
-        rows = kernel_rows(p, names)
+        rows = kernel_rows(p, names, args.compile)
         report["kernels"] = {"tokens": p["tokens"], "heads": p["heads"], "head_dim": p["head_dim"],
                              "dtype": str(p["dtype"]).removeprefix("torch."), "rows": rows, "summary": kernel_summary(rows)}
     if args.only in (None, "decoding"):

@@ -1,4 +1,5 @@
-"""The state-space and mixture-of-experts GPU benchmark scripts: their --smoke runs on CPU write complete reports."""
+"""The state-space, mixer and mixture-of-experts GPU benchmark scripts: their --smoke runs on CPU write complete
+reports."""
 import json
 
 import pytest
@@ -101,8 +102,25 @@ def test_moe_training_matches_active_params(moe):
     assert "## Training steps" in md and "What the MoE layers receive" in md
 
 
+def test_mixers_smoke_kernels_and_decoding(tmp_path):
+    """--mixers and --seq-lens pick the kernel rows; without CUDA only the torch path and SDPA run, and decoding is
+    eager (the graph modes need CUDA)."""
+    script = load_script("bench_mixers_gpu")
+    paths = script.main(["--smoke", "--mixers", "linear,retnet", "--seq-lens", "32,64", "--out", str(tmp_path)])
+    report, md = json.loads(paths["json"].read_text()), paths["md"].read_text()
+    rows = report["kernels"]["rows"]
+    assert {(r["mixer"], r["impl"], r["seq_len"]) for r in rows} == {
+        (m, impl, T) for m in ("linear", "retnet") for impl in ("sdpa", "ours-torch") for T in (32, 64)}
+    assert all(r["error"] is None and r["fwd_bwd_ms"] > 0 for r in rows)
+    assert all(t["ours_torch_vs_fla"] is None and t["ours_torch_compiled_vs_fla"] is None
+               for s in report["kernels"]["summary"] for t in s["per_seq_len"])
+    decoding = report["decoding"]["rows"]
+    assert {r["mode"] for r in decoding} == {"eager"} and all(r["tokens_per_s"] > 0 for r in decoding)
+    assert "ours-torch-compiled/fla" in md and "## Decoding" in md
+
+
 def test_scripts_refuse_to_run_without_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("bench_ssm_gpu", "bench_moe_gpu"):
+    for name in ("bench_ssm_gpu", "bench_moe_gpu", "bench_mixers_gpu"):
         with pytest.raises(SystemExit, match="CUDA is not available"):
             load_script(name).main(["--out", str(tmp_path)])
