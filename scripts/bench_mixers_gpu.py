@@ -14,7 +14,7 @@
     at 16k, with memory flat in the context).
 
     python scripts/bench_mixers_gpu.py [--out DIR] [--only kernels|decoding] [--mixers linear,retnet] [--seq-lens 16384]
-                                       [--compile]   # also the torch path under torch.compile
+                                       [--compile] [--iters 20]   # --compile: also the torch path compiled
     python scripts/bench_mixers_gpu.py --smoke --out DIR   # CPU, tiny sizes, torch paths only
 """
 from __future__ import annotations
@@ -298,10 +298,13 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--mixers", help="comma-separated kernel cases to run (default: all)")
     parser.add_argument("--seq-lens", help="comma-separated kernel lengths T (default: the preset's)")
     parser.add_argument("--compile", action="store_true", help="also time the torch path under torch.compile")
+    parser.add_argument("--iters", type=int, help="timed iterations per kernel row (default: the preset's)")
     args = parser.parse_args(argv)
     p = PRESETS["smoke" if args.smoke else "gpu"]
     if args.seq_lens:
         p = {**p, "seq_lens": tuple(int(t) for t in args.seq_lens.split(","))}
+    if args.iters:
+        p = {**p, "iters": args.iters}
     if p["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available: run this on the GPU machine, or pass --smoke for the CPU check")
     device_name = torch.cuda.get_device_name() if p["device"] == "cuda" else "cpu"

@@ -106,7 +106,7 @@ def test_mixers_smoke_kernels_and_decoding(tmp_path):
     """--mixers and --seq-lens pick the kernel rows; without CUDA only the torch path and SDPA run, and decoding is
     eager (the graph modes need CUDA)."""
     script = load_script("bench_mixers_gpu")
-    paths = script.main(["--smoke", "--mixers", "linear,retnet", "--seq-lens", "32,64", "--out", str(tmp_path)])
+    paths = script.main(["--smoke", "--mixers", "linear,retnet", "--seq-lens", "32,64", "--iters", "1", "--out", str(tmp_path)])
     report, md = json.loads(paths["json"].read_text()), paths["md"].read_text()
     rows = report["kernels"]["rows"]
     assert {(r["mixer"], r["impl"], r["seq_len"]) for r in rows} == {
