@@ -35,9 +35,7 @@ import layers
 from layers.deltanet import l2norm
 from layers.linear_attention import call_fla, fla_available
 from layers.retnet import retention_log_decay
-from zoo.bench import decode_throughput, markdown_table, median_ms, release, write_report
-from zoo.decoding import has_fixed_size_state
-from zoo.registry import create_model
+from zoo.bench import DECODE_MODES, decode_modes, decode_throughput, markdown_table, median_ms, release, write_report
 
 FLA_TARGET = 1.05  # ours-fla / fla, at most
 TORCH_TARGET = 2.5  # ours-torch / fla at T = 16k, at most
@@ -186,10 +184,6 @@ def kernel_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- (b) decoding -------------------------------------------------------------------------------------
 
 
-DECODE_MODES = {"eager": dict(graph=False), "cuda graph": dict(graph=True),
-                "cuda graph + compile": dict(graph=True, compile=True)}
-
-
 def decode_row(name: str, context: int, p: dict[str, Any], mode: str) -> dict[str, Any]:
     """One decoding measurement (``zoo.bench.decode_throughput``) as a report row."""
     row = {"section": "decoding", "model": name, "mode": mode, "context": context,
@@ -200,10 +194,8 @@ def decode_row(name: str, context: int, p: dict[str, Any], mode: str) -> dict[st
 
 def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    modes = list(DECODE_MODES) if p["device"] == "cuda" else ["eager"]
-    for name, mode, context in ((n, m, c) for n in p["decode_models"] for m in modes for c in p["contexts"]):
-        if mode != "eager" and not fixed_size_state(name):
-            continue
+    device = torch.device(p["device"])
+    for name, mode, context in ((n, m, c) for n in p["decode_models"] for m in decode_modes(n, device) for c in p["contexts"]):
         try:
             row = decode_row(name, context, p, mode)
         except torch.OutOfMemoryError:
@@ -218,12 +210,6 @@ def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
             f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.2f} ms  peak {row['peak_decode_mb'] or 0:,.0f} MB"
             f"  state {row['state_mb']:,.1f} MB" if not row.get("error") else row["error"]))
     return rows
-
-
-def fixed_size_state(name: str) -> bool:
-    """Whether model ``name`` decodes with fixed-size states (graph-capturable), built on the meta device."""
-    with torch.device("meta"):
-        return has_fixed_size_state(create_model(name))
 
 
 def decoding_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,8 +11,10 @@
 (b) Training at T = 16384: tokens/s of full steps (bf16 autocast, fused AdamW, grad clip: bench_spine_gpu's
     ``train_step``) of lm-125m-mamba2 / lm-125m-mamba against lm-125m (attention); target mamba2 >= 2x.
 (c) Decoding: a prompt of ``context`` tokens is prefilled (in 1024-token pieces), then ``steps`` tokens are
-    decoded one at a time; tokens/s of the decoding steps, peak memory while decoding and the decoding state's
-    size (every tensor in the nested state); target: >= 5x the attention model's tokens/s at 16k, with flat memory.
+    decoded one at a time, eagerly and (CUDA, fixed-size states) as replayed graphs of the eager and of the
+    torch.compile'd step; tokens/s of the decoding steps, peak memory while decoding and the decoding state's
+    size (every tensor in the nested state); target: >= 5x the attention model's eager tokens/s at 16k, with
+    flat memory.
 
 Out-of-memory and other failures are reported in their row (``error``); the run goes on.
 
@@ -39,7 +41,7 @@ from layers.linear_attention import call_fla, fla_available
 from layers.mamba import selective_scan_chunked, selective_scan_ref
 from layers.mamba2 import ssd_chunked, ssd_recurrent_ref
 from bench_spine_gpu import train_step
-from zoo.bench import TIMERS, decode_throughput, markdown_table, median_ms, release, write_report
+from zoo.bench import DECODE_MODES, TIMERS, decode_modes, decode_throughput, markdown_table, median_ms, release, write_report
 from zoo.registry import create_model
 from zoo.tasks.lm import LanguageModeling
 
@@ -246,38 +248,43 @@ def versus_base(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]
 # --- (c) decoding ---------------------------------------------------------------------------------------
 
 
-def decode_row(name: str, context: int, p: dict[str, Any]) -> dict[str, Any]:
-    """Eager decoding at ``context`` (``zoo.bench.decode_throughput``)."""
+def decode_row(name: str, context: int, p: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Decoding at ``context`` in ``mode`` (``zoo.bench.decode_throughput``, ``zoo.bench.DECODE_MODES``)."""
     return decode_throughput(name, context, p["decode_batch"], p["decode_steps"], torch.device(p["device"]), p["dtype"],
-                             p["prefill_piece"])
+                             p["prefill_piece"], **DECODE_MODES[mode])
 
 
 def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
     device, rows = torch.device(p["device"]), []
     for name in p["decode_models"]:
-        for context in p["contexts"]:
-            row = {"section": "decoding", "model": name, "context": context, "batch": p["decode_batch"],
-                   "steps": p["decode_steps"], "tokens_per_s": None, "step_ms": None, "state_mb": None,
-                   "peak_decode_mb": None, "error": None}
-            rows.append(guarded(row, device, lambda: decode_row(name, context, p)))
-            say(f"decoding {name:<16} context={context:>6} " + (
-                f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.2f} ms  peak {fmt(row['peak_decode_mb'], ',.0f')} MB"
-                f"  state {row['state_mb']:,.2f} MB" if row["error"] is None else row["error"]))
+        for mode in decode_modes(name, device):
+            for context in p["contexts"]:
+                row = {"section": "decoding", "model": name, "mode": mode, "context": context, "batch": p["decode_batch"],
+                       "steps": p["decode_steps"], "tokens_per_s": None, "step_ms": None, "state_mb": None,
+                       "peak_decode_mb": None, "error": None}
+                rows.append(guarded(row, device, lambda: decode_row(name, context, p, mode)))
+                say(f"decoding {name:<16} {mode:<20} context={context:>6} " + (
+                    f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.2f} ms  "
+                    f"peak {fmt(row['peak_decode_mb'], ',.0f')} MB  state {row['state_mb']:,.2f} MB"
+                    if row["error"] is None else row["error"]))
     return rows
 
 
 def decoding_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model: tokens/s over the attention model's (the first) at each context, and its memory growth."""
+    """Per model and mode: tokens/s over the attention model's (the first, eager) at each context, and its memory
+    growth."""
     contexts = sorted({r["context"] for r in rows})
-    by = {(r["model"], r["context"]): r for r in rows}
+    by = {(r["model"], r["mode"], r["context"]): r for r in rows}
+    base = rows[0]["model"]
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        ratios = {c: ratio(by[model, c]["tokens_per_s"], by[rows[0]["model"], c]["tokens_per_s"]) for c in contexts}
-        short, long = by[model, contexts[0]], by[model, contexts[-1]]
+    for model, mode in dict.fromkeys((r["model"], r["mode"]) for r in rows):
+        ratios = {c: ratio(by[model, mode, c]["tokens_per_s"], by[base, "eager", c]["tokens_per_s"]) for c in contexts}
+        short, long = by[model, mode, contexts[0]], by[model, mode, contexts[-1]]
         memory = "peak_decode_mb" if short["peak_decode_mb"] is not None else "state_mb"
         growth = ratio(long[memory], short[memory])
-        out.append({"model": model, "vs": rows[0]["model"], "ratio_by_context": ratios, "memory_growth": growth,
-                    "memory_measure": memory, "flat_memory": growth is not None and growth <= FLAT_MEMORY,
+        out.append({"model": model, "mode": mode, "vs": f"{base} (eager)", "ratio_by_context": ratios,
+                    "memory_growth": growth, "memory_measure": memory,
+                    "flat_memory": growth is not None and growth <= FLAT_MEMORY,
                     "meets_target": (ratios[contexts[-1]] or 0) >= DECODE_TARGET and growth is not None
                     and growth <= FLAT_MEMORY})
     return out
@@ -320,15 +327,17 @@ def markdown(report: dict[str, Any]) -> str:
                        r["error"] or "") for r in t["rows"]))]
     if "decoding" in report:
         d = report["decoding"]
-        parts += [f"## Decoding (batch {d['batch']}, {d['steps']} greedy steps after the context, eager)\n",
-                  markdown_table(("model", "context", "tokens/s", "ms/step", "peak MB while decoding", "state MB", "error"), (
-                      (r["model"], r["context"], fmt(r["tokens_per_s"], ",.0f"), fmt(r["step_ms"]),
+        parts += [f"## Decoding (batch {d['batch']}, {d['steps']} greedy steps after the context; eager, and for fixed-size "
+                  "states replayed CUDA graphs of the eager and of the torch.compile'd step)\n",
+                  markdown_table(("model", "mode", "context", "tokens/s", "ms/step", "peak MB while decoding", "state MB",
+                                  "error"), (
+                      (r["model"], r["mode"], r["context"], fmt(r["tokens_per_s"], ",.0f"), fmt(r["step_ms"]),
                        fmt(r["peak_decode_mb"], ",.0f"), fmt(r["state_mb"], ",.2f"), r["error"] or "")
                       for r in d["rows"])),
                   f"tokens/s over the attention model's (target >= {DECODE_TARGET} at the longest context, with memory "
                   f"growth longest/shortest context <= {FLAT_MEMORY}):\n",
-                  markdown_table(("model", *[f"context {c}" for c in d["contexts"]], "memory growth", "target met"), (
-                      (s["model"], *[fmt(s["ratio_by_context"][c]) for c in d["contexts"]],
+                  markdown_table(("model", "mode", *[f"context {c}" for c in d["contexts"]], "memory growth", "target met"), (
+                      (s["model"], s["mode"], *[fmt(s["ratio_by_context"][c]) for c in d["contexts"]],
                        f"{fmt(s['memory_growth'], '.3f')} ({s['memory_measure']})", yes_no(s["meets_target"]))
                       for s in d["summary"][1:]))]
     return "\n".join(parts)

@@ -244,6 +244,22 @@ def tensor_bytes(tree: Any) -> int:
     return sum(tensor_bytes(t) for t in items)
 
 
+# how a decoding benchmark can step a model: decode_throughput's graph / compile flags by mode name
+DECODE_MODES: dict[str, dict[str, bool]] = {"eager": dict(graph=False), "cuda graph": dict(graph=True),
+                                            "cuda graph + compile": dict(graph=True, compile=True)}
+
+
+def decode_modes(name: str, device: torch.device) -> list[str]:
+    """The :data:`DECODE_MODES` model ``name`` decodes in on ``device``: eager, plus (CUDA, and a decoding state of
+    fixed size, so no KV cache: ``zoo.decoding``) the replayed graphs of the eager and of the compiled step."""
+    from zoo.decoding import has_fixed_size_state
+
+    if device.type != "cuda":
+        return ["eager"]
+    with torch.device("meta"):
+        return list(DECODE_MODES) if has_fixed_size_state(create_model(name)) else ["eager"]
+
+
 def decode_throughput(name: str, context: int, batch: int, steps: int, device: torch.device, dtype: torch.dtype,
                       prefill_piece: int = 1024, graph: bool = False, compile: bool = False) -> dict[str, Any]:
     """Decoding speed of LM ``name``: prefill ``context`` random tokens (in ``prefill_piece``-token pieces),

@@ -162,3 +162,14 @@ def test_every_registered_mixer_benchmarks_as_a_layer(mixer):
     ours = [r for r in rows if r["impl"] == "ours"]
     assert {r["regime"] for r in ours} == {"latency", "throughput"}
     assert all(r["fwd_bwd_ms"] > 0 and r["fwd_flops"] > 0 for r in ours)
+
+
+def test_decode_modes_graph_only_fixed_size_states_on_cuda():
+    """A KV cache grows, so attention decodes eagerly; recurrent models also replay graphs (eager and compiled
+    step) on CUDA. Decided on the meta device: no GPU needed to ask."""
+    from zoo.bench import DECODE_MODES, decode_modes
+
+    cuda = torch.device("cuda")
+    assert decode_modes("lm-tiny-gla", cuda) == list(DECODE_MODES) == ["eager", "cuda graph", "cuda graph + compile"]
+    assert decode_modes("lm-tiny", cuda) == ["eager"]
+    assert decode_modes("lm-tiny-gla", torch.device("cpu")) == ["eager"]
