@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.causal_conv import causal_conv1d
-from layers.linear_attention import check_chunk_size, chunk_gla, recurrent_step
+from layers.linear_attention import check_chunk_size, chunk_gla
 from layers.mamba import SelectiveSSMMixer, check_dt_range, check_positive_int, dt_bias_init, expanded_width
 from layers.mixer import State, register_mixer
 
@@ -119,16 +119,13 @@ def ssd_step(x, dt, A, B, C, D=None, initial_state=None):
     P, N] view of the state (no per-head copies of B and C): under torch.compile (``GraphedDecoder(compile=
     True)``) the update, the readout and the copy into the state buffer fuse into one kernel, where
     batched GEMMs would stay separate launches (a decoding step is launch-bound: ~2-3 us a kernel)."""
-    batch, _, H, P = x.shape
-    ct, G, N = _compute_dtype(x), B.shape[2], B.shape[3]
+    H, G, ct = x.shape[2], B.shape[2], _compute_dtype(x)
     x0, dt0 = x[:, 0].to(ct), dt[:, 0].to(ct)  # [B, H, P], [B, H]
     grouped = lambda t: t.unflatten(1, (G, H // G))  # [B, H, ...] -> [B, G, H/G, ...]
     per_group = lambda t: t[:, 0].to(ct)[:, :, None, None, :]  # [B, 1, G, N] -> [B, G, 1, 1, N]
     decay = grouped(torch.exp(dt0 * A.to(ct)))[..., None, None]
     h = grouped(initial_state.to(ct)) * decay + grouped(x0 * dt0[..., None])[..., None] * per_group(B)
-    y = (h * per_group(C)).sum(-1).flatten(1, 2)  # [B, H, P]
-    if D is not None:
-        y = y + x0 * D.to(ct)[:, None]
+    y = _skip((h * per_group(C)).sum(-1).flatten(1, 2), x0, D)  # [B, H, P]
     return y[:, None].to(x.dtype), h.flatten(1, 2)
 
 

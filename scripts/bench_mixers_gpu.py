@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts, as top-level modules
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,8 @@ from layers.deltanet import l2norm
 from layers.linear_attention import call_fla, fla_available
 from layers.retnet import retention_log_decay
 from zoo.bench import DECODE_MODES, decode_modes, decode_throughput, markdown_table, median_ms, release, write_report
+
+from bench_ssm_gpu import guarded
 
 FLA_TARGET = 1.05  # ours-fla / fla, at most
 TORCH_TARGET = 2.5  # ours-torch / fla at T = 16k, at most
@@ -184,28 +187,15 @@ def kernel_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- (b) decoding -------------------------------------------------------------------------------------
 
 
-def decode_row(name: str, context: int, p: dict[str, Any], mode: str) -> dict[str, Any]:
-    """One decoding measurement (``zoo.bench.decode_throughput``) as a report row."""
-    row = {"section": "decoding", "model": name, "mode": mode, "context": context,
-           "batch": p["decode_batch"], "steps": p["decode_steps"], "error": None}
-    return row | decode_throughput(name, context, p["decode_batch"], p["decode_steps"], torch.device(p["device"]),
-                                   p["dtype"], p["prefill_piece"], **DECODE_MODES[mode])
-
-
 def decoding_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    device = torch.device(p["device"])
+    """One row per model, decoding mode (``zoo.bench.decode_modes``) and context; a failed compile, capture or an
+    out-of-memory is reported in its row and the run goes on."""
+    device, rows = torch.device(p["device"]), []
     for name, mode, context in ((n, m, c) for n in p["decode_models"] for m in decode_modes(n, device) for c in p["contexts"]):
-        try:
-            row = decode_row(name, context, p, mode)
-        except torch.OutOfMemoryError:
-            row = {"section": "decoding", "model": name, "mode": mode, "context": context,
-                   "batch": p["decode_batch"], "error": "oom"}
-        except Exception as error:  # a failed compile or capture is reported in its row; the run goes on
-            row = {"section": "decoding", "model": name, "mode": mode, "context": context,
-                   "batch": p["decode_batch"], "error": f"{type(error).__name__}: {str(error)[:200]}"}
-        release(torch.device(p["device"]))
-        rows.append(row)
+        row = {"section": "decoding", "model": name, "mode": mode, "context": context,
+               "batch": p["decode_batch"], "steps": p["decode_steps"], "error": None}
+        rows.append(guarded(row, device, lambda: decode_throughput(
+            name, context, p["decode_batch"], p["decode_steps"], device, p["dtype"], p["prefill_piece"], **DECODE_MODES[mode])))
         say(f"decoding {name:<18} {row['mode']:<20} context={context:>6} " + (
             f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.2f} ms  peak {row['peak_decode_mb'] or 0:,.0f} MB"
             f"  state {row['state_mb']:,.1f} MB" if not row.get("error") else row["error"]))
