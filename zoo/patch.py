@@ -34,9 +34,9 @@ def _reduced_block(block: Block, x: torch.Tensor, tokens: Tokens, layer: int) ->
     y = attn.norm(y.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if attn.gate is not None:
         y = y * attn.gate(h).sigmoid()
-    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(y))))
-    x = tokens.reduce(x, layer, k[..., :attn.head_dim], cls_attention)
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    x, h = tokens.reduce_residual(x, block.drop_path1(block.ls1(attn.proj_drop(attn.proj(y)))), block.norm2, layer,
+                                  k[..., :attn.head_dim], cls_attention)
+    return x + block.drop_path2(block.ls2(block.mlp(h)))
 
 
 def _forward_features(self: VisionTransformer, x: torch.Tensor, attn_mask: torch.Tensor | None = None,

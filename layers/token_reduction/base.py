@@ -167,13 +167,20 @@ class Tokens:
 
     def reduce(self, x: torch.Tensor, layer: int, keys: torch.Tensor, cls_attention: torch.Tensor | None) -> torch.Tensor:
         """Apply the method at ``layer`` (between attention and MLP); ``keys`` [B, H, N, D]."""
+        return self.reduce_residual(x, None, None, layer, keys, cls_attention)[0]
+
+    def reduce_residual(self, x: torch.Tensor, update: torch.Tensor | None, norm: nn.Module | None, layer: int,
+                        keys: torch.Tensor, cls_attention: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream after a block's attention: ``x + update`` [B, N, C] reduced at ``layer``, and
+        ``norm`` of it (the MLP's input; None without a norm). A method may fuse the three (ToMe on CUDA)."""
         if not self.method.reduces_at(layer):
-            return x
+            x = x if update is None else x + update
+            return x, None if norm is None else norm(x)
         key_mean = None
         if self.method.needs_key_mean:
             key_mean = self.key_mean if self.key_mean is not None else keys.mean(dim=1)
         self.key_mean = None
-        return self.method.reduce(x, self, layer, key_mean, cls_attention)
+        return self.method.reduce_residual(x, update, norm, self, layer, key_mean, cls_attention)
 
     def select(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Keep tokens ``index`` [B, M] of ``x`` and of every per-token record."""
@@ -246,6 +253,13 @@ class TokenReduction(nn.Module):
         """``key_mean`` [B, N, D]: the keys averaged over heads (when ``needs_key_mean``); ``cls_attention``
         [B, N]: the CLS token's attention averaged over heads (when ``needs_cls_attention``)."""
         return x
+
+    def reduce_residual(self, x: torch.Tensor, update: torch.Tensor | None, norm: nn.Module | None, tokens: Tokens,
+                        layer: int, key_mean: torch.Tensor | None, cls_attention: torch.Tensor | None):
+        """``(reduce(x + update), norm of it)`` (see :meth:`Tokens.reduce_residual`); methods with a fused
+        kernel override it."""
+        x = self.reduce(x if update is None else x + update, tokens, layer, key_mean, cls_attention)
+        return x, None if norm is None else norm(x)
 
     def aux_loss(self) -> torch.Tensor | None:
         """An auxiliary training loss of the last forward (DynamicViT's keep-ratio loss), else None."""

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from layers.token_reduction import tome_kernel
 from layers.token_reduction.base import TokenReduction, Tokens, register_token_reduction
 
 
@@ -138,6 +139,7 @@ class ToMe(TokenReduction):
 
     def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, key_mean: torch.Tensor,
                cls_attention: torch.Tensor | None) -> torch.Tensor:
+        """The torch path, the reference of the Triton one (:meth:`reduce_residual`)."""
         r = clip_r(self.schedule[layer], x.shape[1])
         if r == 0:
             return x
@@ -147,6 +149,22 @@ class ToMe(TokenReduction):
         if tokens.source is not None:
             tokens.source = matching.merge_sum(tokens.source)
         return x
+
+    def reduce_residual(self, x, update, norm, tokens, layer, key_mean, cls_attention):
+        """On CUDA in inference the matching and the merge are two Triton launches instead of ~40 small ones,
+        with the residual add and (an affine LayerNorm in x's dtype) ``norm`` fused into the merge
+        (:mod:`layers.token_reduction.tome_kernel`); elsewhere the torch path."""
+        if not tome_kernel.supports(x, self.schedule[layer], update):
+            return super().reduce_residual(x, update, norm, tokens, layer, key_mean, cls_attention)
+        r = clip_r(self.schedule[layer], x.shape[1])  # >= 1: supports() needs N > 2
+        fused_norm = norm if norm is not None and tome_kernel.fuses_norm(x, norm) else None
+        merged = tome_kernel.merge(x, key_mean, tokens.size, r, update=update, norm=fused_norm)
+        tokens.size = merged.size
+        if tokens.source is not None:
+            tokens.source = Matching(merged.rows, merged.x.shape[1]).merge_sum(tokens.source)
+        if norm is None or fused_norm is not None:
+            return merged.x, merged.normed
+        return merged.x, norm(merged.x)
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, proportional_attention={self.proportional_attention}"

@@ -79,9 +79,9 @@ class ViTBlock(nn.Module):
             return x + self.drop_path(self.mlp(self.norm2(x)))
         q, k, v = tokens.project(self.mixer.qkv, self.norm1(x), self.mixer.num_heads, self.layer)
         y, cls_attention = tokens.attend(q, k, v, self.layer)
-        x = x + self.drop_path(self.mixer._merge(y))
-        x = tokens.reduce(x, self.layer, k[..., :self.mixer.head_dim], cls_attention)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, h = tokens.reduce_residual(x, self.drop_path(self.mixer._merge(y)), self.norm2, self.layer,
+                                      k[..., :self.mixer.head_dim], cls_attention)
+        return x + self.drop_path(self.mlp(h))
 
 
 @register_family("vit")
