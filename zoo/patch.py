@@ -58,16 +58,19 @@ def _check_supported(model: nn.Module) -> None:
     odd = [type(b).__name__ for b in model.blocks if type(b) is not Block or type(b.attn) is not Attention]
     if odd:
         raise TypeError(f"patch supports timm Block / Attention blocks, got {odd[0]}")
-    if model.cls_token is None or model.num_prefix_tokens != 1:
-        raise ValueError("patch needs exactly one prefix token, the CLS token (no register tokens, no class_token=False)")
+    if model.cls_token is None:
+        raise ValueError("patch needs a CLS token (class_token=True)")
 
 
 def patch(model: nn.Module, name: str = "tome", **options: Any) -> nn.Module:
     """Apply token reduction ``name`` (``tome``, ``evit``, ...) with ``options`` to a timm ViT in place and return it.
 
     The method becomes ``model.token_reduction`` (ToMe and EViT have no parameters, so the state dict is
-    unchanged); patching again replaces it. Unsupported model types raise a TypeError naming the type."""
+    unchanged); patching again replaces it. Unsupported model types raise a TypeError naming the type. Models
+    with a distillation token (DeiT distilled) or register tokens take ToMe, which keeps them first and alone;
+    the other methods protect only the CLS token and refuse them."""
     _check_supported(model)
-    model.token_reduction = create_token_reduction({"name": name, **options}, depth=len(model.blocks), dim=model.embed_dim)
+    model.token_reduction = create_token_reduction({"name": name, **options}, depth=len(model.blocks), dim=model.embed_dim,
+                                                   prefix_tokens=model.num_prefix_tokens)
     model.forward_features = types.MethodType(_forward_features, model)
     return model

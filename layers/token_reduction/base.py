@@ -21,7 +21,7 @@ from layers.registry import Registry, check_kwargs, signature_kwargs
 TOKEN_REDUCTIONS = Registry("token reduction")
 
 # filled in by the model, never by the spec
-MODEL_ARGUMENTS = ("depth", "dim")
+MODEL_ARGUMENTS = ("depth", "dim", "prefix_tokens")
 # spare head dims that carry proportional attention's log(size) (a multiple of 8, as flash kernels need)
 BIAS_SLOTS = 8
 
@@ -45,9 +45,11 @@ def get_token_reduction_class(name: str) -> type["TokenReduction"]:
     return TOKEN_REDUCTIONS.get(name)
 
 
-def create_token_reduction(spec: Mapping[str, Any], depth: int, dim: int) -> "TokenReduction":
-    """Build a method from a spec ``{name: ..., **options}``; ``depth`` and ``dim`` come from the model.
-    An unknown name or option raises an error naming it (with close matches)."""
+def create_token_reduction(spec: Mapping[str, Any], depth: int, dim: int, prefix_tokens: int = 1) -> "TokenReduction":
+    """Build a method from a spec ``{name: ..., **options}``; ``depth``, ``dim`` and ``prefix_tokens`` (the CLS
+    token, plus any distillation or register tokens, first in the sequence) come from the model. An unknown name
+    or option raises an error naming it (with close matches); so does a model with more prefix tokens than the
+    method can protect (only methods taking ``prefix_tokens`` protect more than the CLS token)."""
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise ValueError(f"token_reduction must be a mapping with a 'name' key, got {spec!r}")
     options = {k: v for k, v in spec.items() if k != "name"}
@@ -57,7 +59,10 @@ def create_token_reduction(spec: Mapping[str, Any], depth: int, dim: int) -> "To
     if given_model_args:
         raise TypeError(f"token_reduction {spec['name']!r}: {', '.join(given_model_args)} is set by the model, not the spec")
     check_kwargs(f"token_reduction {spec['name']!r}", options, [a for a in accepted if a not in ("self", *MODEL_ARGUMENTS)])
-    context = {"depth": depth, "dim": dim}
+    if prefix_tokens != 1 and "prefix_tokens" not in accepted:
+        raise ValueError(f"token_reduction {spec['name']!r} protects only the CLS token; this model has {prefix_tokens} "
+                         f"prefix tokens (CLS, distillation or register tokens): use tome")
+    context = {"depth": depth, "dim": dim, "prefix_tokens": prefix_tokens}
     return cls(**{k: v for k, v in context.items() if k in accepted}, **options)
 
 

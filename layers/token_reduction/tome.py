@@ -5,9 +5,10 @@ alternately split into sets A (even positions) and B (odd positions); each A tok
 similar B token by cosine similarity of the attention keys (averaged over heads); the ``r`` A tokens
 with the best matches are merged into them by size-weighted average. Token sizes (how many patches a
 token holds) enter later attention as proportional attention, softmax(q k^T / sqrt(d) + log(size)),
-so a merged token weighs as much as the tokens it replaced. The CLS token (position 0, in A) is
-never merged. ``r`` may exceed what one layer can merge: it is clipped to half the unprotected
-tokens, ``(N - 1) // 2``, with a warning.
+so a merged token weighs as much as the tokens it replaced. The ``protected`` leading tokens (the CLS
+token; with a distillation or register tokens, those too) neither merge away nor receive merges, and
+stay first. ``r`` may exceed what one layer can merge: it is clipped to half the unprotected tokens,
+``(N - protected) // 2``, with a warning.
 """
 from __future__ import annotations
 
@@ -40,11 +41,12 @@ def tome_schedule(r: int | Sequence[int], depth: int, inflection: float = 0.0) -
     return schedule
 
 
-def clip_r(r: int, num_tokens: int) -> int:
-    """``r`` limited to half the unprotected tokens (everything but the CLS), warning when it is cut."""
-    limit = (num_tokens - 1) // 2
+def clip_r(r: int, num_tokens: int, protected: int = 1) -> int:
+    """``r`` limited to half the unprotected tokens (all but the ``protected`` leading ones), warning when it is cut."""
+    limit = max(0, (num_tokens - protected) // 2)
     if r > limit:
-        warnings.warn(f"ToMe: r={r} exceeds half the {num_tokens - 1} unprotected tokens; merging {limit}", stacklevel=2)
+        warnings.warn(f"ToMe: r={r} exceeds half the {num_tokens - protected} unprotected tokens; merging {limit}",
+                      stacklevel=2)
     return min(r, limit)
 
 
@@ -87,12 +89,14 @@ class Matching:
         return self.combine(weights.to(x.dtype), x), new_size[..., None]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
-    """Match the ``r`` most similar A tokens to B tokens; ``metric`` [B, N, C], token 0 (CLS) protected."""
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) -> Matching:
+    """Match the ``r`` most similar A tokens to B tokens; ``metric`` [B, N, C]; the first ``protected`` tokens
+    (CLS, distillation, registers) neither merge away nor receive merges."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # [B, Na, Nb] cosine similarities
+    scores[:, :, : protected // 2] = float("-inf")  # protected B tokens (odd positions < protected) receive nothing
     best, best_b = scores.max(dim=-1)
-    best[:, 0] = float("-inf")  # the CLS token never merges
+    best[:, : (protected + 1) // 2] = float("-inf")  # protected A tokens never merge
     src = best.topk(r, dim=-1, sorted=False).indices  # the A tokens merged away
     survives = torch.ones_like(metric[..., 0], dtype=torch.bool)
     survives[:, ::2].scatter_(1, src, False)
@@ -101,14 +105,16 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     return Matching(rows, metric.shape[1] - r)
 
 
-def naive_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int,
+                protected: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for one merge step by brute force (loops over tokens and pairs); same output order as
     :meth:`Matching.merge_average`: the surviving tokens in their original order."""
     xs, sizes = [], []
     for xb, mb, sb in zip(x, metric, size):
-        set_a, set_b = list(range(0, len(xb), 2)), list(range(1, len(xb), 2))
+        set_a = list(range(protected + protected % 2, len(xb), 2))  # even positions past the protected tokens
+        set_b = list(range(protected - protected % 2 + 1, len(xb), 2))  # odd positions past them
         best = {}
-        for i in set_a[1:]:  # the CLS token (position 0) is protected
+        for i in set_a:
             sims = [(torch.cosine_similarity(mb[i], mb[j], dim=0).item(), j) for j in set_b]
             best[i] = max(sims)
         merged_away = sorted(best, key=lambda i: best[i][0], reverse=True)[:r]
@@ -123,11 +129,15 @@ class ToMe(TokenReduction):
     """Token merging after every block's attention (see module doc). ``r``: tokens merged per layer
     (int, or a list per layer); ``inflection``: ToMe's (r, inflection) schedule; ``proportional_attention``:
     add log(size) to attention logits; ``track_source``: keep ``last_tokens.source`` [B, N, N0], which
-    original tokens each output token holds (for visualisation)."""
+    original tokens each output token holds (for visualisation). ``prefix_tokens`` (set by the model): the
+    leading tokens that are protected (CLS, plus a distillation or register tokens)."""
 
     def __init__(self, depth: int, r: int | list[int] = 16, inflection: float = 0.0, proportional_attention: bool = True,
-                 track_source: bool = False):
+                 track_source: bool = False, prefix_tokens: int = 1):
         super().__init__()
+        if prefix_tokens < 1:
+            raise ValueError(f"prefix_tokens must be at least 1 (the CLS token), got {prefix_tokens}")
+        self.prefix_tokens = prefix_tokens
         self.schedule = tome_schedule(r, depth, inflection)
         self.proportional_attention = proportional_attention
         self.track_source = track_source
@@ -139,32 +149,33 @@ class ToMe(TokenReduction):
 
     def reduce(self, x: torch.Tensor, tokens: Tokens, layer: int, key_mean: torch.Tensor,
                cls_attention: torch.Tensor | None) -> torch.Tensor:
-        """The torch path, the reference of the Triton one (:meth:`reduce_residual`)."""
-        r = clip_r(self.schedule[layer], x.shape[1])
-        if r == 0:
-            return x
-        matching = bipartite_soft_matching(key_mean, r)
-        size = tokens.size if tokens.size is not None else x.new_ones(*x.shape[:2], 1)
-        x, tokens.size = matching.merge_average(x, size)
-        if tokens.source is not None:
-            tokens.source = matching.merge_sum(tokens.source)
-        return x
+        return self.reduce_residual(x, None, None, tokens, layer, key_mean, cls_attention)[0]
 
     def reduce_residual(self, x, update, norm, tokens, layer, key_mean, cls_attention):
         """On CUDA in inference the matching and the merge are two Triton launches instead of ~40 small ones,
         with the residual add and (an affine LayerNorm in x's dtype) ``norm`` fused into the merge
-        (:mod:`layers.token_reduction.tome_kernel`); elsewhere the torch path."""
-        if not tome_kernel.supports(x, self.schedule[layer], update):
-            return super().reduce_residual(x, update, norm, tokens, layer, key_mean, cls_attention)
-        r = clip_r(self.schedule[layer], x.shape[1])  # >= 1: supports() needs N > 2
-        fused_norm = norm if norm is not None and tome_kernel.fuses_norm(x, norm) else None
-        merged = tome_kernel.merge(x, key_mean, tokens.size, r, update=update, norm=fused_norm)
-        tokens.size = merged.size
+        (:mod:`layers.token_reduction.tome_kernel`); elsewhere the torch path, their reference."""
+        r = clip_r(self.schedule[layer], x.shape[1], self.prefix_tokens)
+        if r > 0 and tome_kernel.supports(x, r, update):
+            fused_norm = norm if norm is not None and tome_kernel.fuses_norm(x, norm) else None
+            merged = tome_kernel.merge(x, key_mean, tokens.size, r, update=update, norm=fused_norm,
+                                       protected=self.prefix_tokens)
+            x, tokens.size, rows, normed = merged
+            matching = Matching(rows, x.shape[1])
+        else:
+            x = x if update is None else x + update
+            if r == 0:
+                return x, None if norm is None else norm(x)
+            matching = bipartite_soft_matching(key_mean, r, self.prefix_tokens)
+            size = tokens.size if tokens.size is not None else x.new_ones(*x.shape[:2], 1)
+            x, tokens.size = matching.merge_average(x, size)
+            fused_norm = normed = None
         if tokens.source is not None:
-            tokens.source = Matching(merged.rows, merged.x.shape[1]).merge_sum(tokens.source)
+            tokens.source = matching.merge_sum(tokens.source)
         if norm is None or fused_norm is not None:
-            return merged.x, merged.normed
-        return merged.x, norm(merged.x)
+            return x, normed
+        return x, norm(x)
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule}, proportional_attention={self.proportional_attention}"
+        return (f"schedule={self.schedule}, proportional_attention={self.proportional_attention}, "
+                f"prefix_tokens={self.prefix_tokens}")

@@ -6,11 +6,12 @@ and at a ViT-B/16's batch 256 the eager model is then partly bound by launching 
 
 * ``_match_kernel``, one program per image: normalises the metric, scores every A token (even positions)
   against every B token (odd) with ``tl.dot`` in the metric's precision and keeps each A token's best partner;
-  merges the ``r`` A tokens with the best scores (above the r-th of the sorted scores; ties: the lower index first; never
-  the CLS token, position 0); numbers the tokens in order (a survivor's output row is the number of
-  survivors before it, a merged A token takes its partner's row: :class:`~layers.token_reduction.tome.Matching`'s
-  rows). It writes, per output row, its surviving token, that token's weight and the merged size, and the list
-  of merged tokens with their rows and weights (weight: size / merged size of the row).
+  merges the ``r`` A tokens with the best scores (above the r-th of the sorted scores; ties: the lower index
+  first; the ``protected`` leading tokens, CLS and any distillation or register tokens, neither merge nor
+  receive); numbers the tokens in order (a survivor's output row is the number of survivors before it, a
+  merged A token takes its partner's row: :class:`~layers.token_reduction.tome.Matching`'s rows). It writes,
+  per output row, its surviving token, that token's weight and the merged size, and the list of merged tokens
+  with their rows and weights (weight: size / merged size of the row).
 * ``_merge_kernel``, one program per (image, block of output rows, block of channels): gathers each row's
   survivor, scales it, and adds the merged tokens that land in the block (a small product with their one-hot
   weights), with the residual add before and a LayerNorm after fused in. It reads the tokens once and writes
@@ -64,7 +65,7 @@ if triton is not None:
 
     @triton.jit
     def _match_kernel(metric_ptr, size_ptr, rows_ptr, new_size_ptr, kept_ptr, kept_w_ptr, gone_ptr, gone_row_ptr,
-                      gone_w_ptr, N, C, r, num_out, s_mb, s_mn, s_mc, s_sb, s_sn,
+                      gone_w_ptr, N, C, r, num_out, protected, s_mb, s_mn, s_mc, s_sb, s_sn,
                       HAS_SIZE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr):
         b = tl.program_id(0)
         num_a, num_b = (N + 1) // 2, N // 2
@@ -85,15 +86,15 @@ if triton is not None:
                          mask=(j < num_b)[:, None] & (c < C)[None, :], other=0.0).to(tl.float32)
             bm = bm / tl.where(j < num_b, tl.sqrt(tl.sum(bm * bm, axis=1)), 1.0)[:, None]
             scores = _dot(a, tl.trans(bm), metric_ptr.dtype.element_ty)
-            scores = tl.where((j < num_b)[None, :], scores, float("-inf"))
+            scores = tl.where(((j < num_b) & (2 * j + 1 >= protected))[None, :], scores, float("-inf"))
             chunk_best = tl.max(scores, axis=1)
             chunk_partner = tl.argmax(scores, axis=1, tie_break_left=True) + j0
             better = chunk_best > best
             best = tl.where(better, chunk_best, best)
             partner = tl.where(better, chunk_partner, partner)
 
-        # the r best-matched A tokens merge away (CLS and padding rank last; ties: the lower index first)
-        best = tl.where((i > 0) & is_a, best, float("-inf"))
+        # the r best-matched A tokens merge away (protected tokens and padding rank last; ties: the lower index first)
+        best = tl.where((2 * i >= protected) & is_a, best, float("-inf"))
         threshold = tl.sum(tl.where(i == r - 1, tl.sort(best, descending=True), 0.0))  # the r-th best score
         above = best > threshold
         tied = best == threshold
@@ -190,11 +191,13 @@ class Merged(NamedTuple):
 
 
 def merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: int, update: torch.Tensor | None = None,
-          norm: nn.LayerNorm | None = None) -> Merged:
+          norm: nn.LayerNorm | None = None, protected: int = 1) -> Merged:
     """One ToMe step: bipartite soft matching of ``metric`` [B, N, D] merging ``r`` tokens of ``x + update``
     ([B, N, C] each; ``update`` optional) by size-weighted average. ``size`` [B, N, 1] or None (all 1); the new
     sizes come in its dtype (x's without one). ``norm``: a LayerNorm over C whose output on
     the merged tokens is returned too (in x's dtype, from the merged tokens as stored), fused into the same pass.
+    ``protected``: the leading tokens that neither merge away nor receive merges (the CLS token, and any
+    distillation or register tokens).
 
     As :meth:`~layers.token_reduction.tome.Matching.merge_average` of ``x + update`` (``rows``: the matching's)."""
     if triton is None:
@@ -202,8 +205,10 @@ def merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: i
     batch, n, channels = x.shape
     if metric.shape[:2] != (batch, n):
         raise ValueError(f"metric must be [B, N, D] with [B, N] = {[batch, n]}, got {list(metric.shape)}")
-    if not 0 < r <= (n - 1) // 2:
-        raise ValueError(f"r must be in [1, (N - 1) // 2 = {(n - 1) // 2}], got {r}")
+    if protected < 1:
+        raise ValueError(f"protected must be at least 1 (the CLS token), got {protected}")
+    if not 0 < r <= (n - protected) // 2:
+        raise ValueError(f"r must be in [1, (N - protected) // 2 = {(n - protected) // 2}], got {r}")
     if size is not None and size.shape != (batch, n, 1):
         raise ValueError(f"size must be [B, N, 1] = {[batch, n, 1]}, got {list(size.shape)}")
     if x.dtype not in DTYPES or metric.dtype not in DTYPES:
@@ -226,7 +231,7 @@ def merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: i
     sizes = size if size is not None else new_size  # unread without a size
     block_a = max(16, triton.next_power_of_2((n + 1) // 2))
     _match_kernel[(batch,)](metric, sizes, rows, new_size, kept, kept_w, gone, gone_row, gone_w, n, metric.shape[2], r,
-                            num_out, *metric.stride(), sizes.stride(0), sizes.stride(1), HAS_SIZE=size is not None,
+                            num_out, protected, *metric.stride(), sizes.stride(0), sizes.stride(1), HAS_SIZE=size is not None,
                             BLOCK_A=block_a, BLOCK_C=max(16, triton.next_power_of_2(metric.shape[2])), CHUNK=32,
                             num_warps=8 if block_a >= 128 else 4)
     out = torch.empty(batch, num_out, channels, device=device, dtype=x.dtype)

@@ -59,12 +59,13 @@ def test_tome_hand_checked_example():
     torch.testing.assert_close(new_size, torch.tensor([[[1.0], [4.0], [1.0], [1.0]]]))
 
 
-@pytest.mark.parametrize("n,r", [(11, 3), (10, 4), (17, 1)])
-def test_tome_matching_equals_brute_force(n, r):
+@pytest.mark.parametrize("n,r,protected", [(11, 3, 1), (10, 4, 1), (17, 1, 1), (12, 5, 2), (15, 5, 5)])
+def test_tome_matching_equals_brute_force(n, r, protected):
+    """Also with a distillation token (2 protected) and registers (5 protected), r up to (N - protected) // 2."""
     x, metric = torch.randn(2, n, 6), torch.randn(2, n, 5)
     size = torch.randint(1, 4, (2, n, 1)).float()
-    want_x, want_size = naive_merge(x, metric, size, r)
-    got_x, got_size = bipartite_soft_matching(metric, r).merge_average(x, size)
+    want_x, want_size = naive_merge(x, metric, size, r, protected)
+    got_x, got_size = bipartite_soft_matching(metric, r, protected).merge_average(x, size)
     torch.testing.assert_close(got_x, want_x)
     torch.testing.assert_close(got_size, want_size)
 
@@ -80,6 +81,22 @@ def test_tome_sizes_and_sources_over_layers():
     torch.testing.assert_close(tokens.source.sum(dim=-1, keepdim=True), tokens.size)  # each token holds `size` patches
     assert (tokens.source.sum(dim=1) == 1).all()  # each original token is in exactly one output token
     assert (tokens.source[:, 0, 0] == 1).all() and (tokens.size[:, 0] == 1).all()  # the CLS token is untouched
+
+
+def test_tome_protects_the_prefix_tokens():
+    """With CLS + distillation token (prefix_tokens=2) both stay first and alone, even when their keys match
+    others exactly; r is clipped to half of the N - 2 other tokens."""
+    x = torch.randn(2, 12, 6)
+    keys = torch.randn(2, 2, 12, 4)
+    keys[:, :, 3] = keys[:, :, 0]  # token 3 (B) is the CLS token's twin
+    keys[:, :, 2] = keys[:, :, 1]  # token 2 (A) is the distillation token's twin
+    x, tokens = ToMe(depth=1, r=9, prefix_tokens=2, track_source=True).start(x)
+    with pytest.warns(UserWarning, match="r=9 exceeds half the 10 unprotected tokens; merging 5"):
+        out = tokens.reduce(x, 0, keys, None)
+    assert out.shape == (2, 7, 6)
+    assert (tokens.size[:, :2] == 1).all() and (tokens.source[:, 0, 0] == 1).all() and (tokens.source[:, 1, 1] == 1).all()
+    with pytest.raises(ValueError, match="prefix_tokens must be at least 1"):
+        ToMe(depth=1, prefix_tokens=0)
 
 
 def test_tome_clips_r_with_warning():

@@ -22,16 +22,17 @@ HERE = Path(__file__).resolve().parent
                     reason="triton is not installed (it comes with torch's Linux wheels; none exist for this platform)")
 def test_kernels_under_the_interpreter_match_the_torch_path():
     """float32 (rows equal to the torch path's) and float16, odd and even N down to 5, r from 1 to (N - 1) // 2 and
-    over one block of merged tokens, with and without sizes, residual update and LayerNorm; tie-breaking."""
+    over one block of merged tokens, with and without sizes, residual update and LayerNorm, with a distillation
+    token and with registers protected; tie-breaking."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, str(HERE / "tome_kernel_checks.py")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "13 interpreted checks passed" in done.stdout
+    assert "17 interpreted checks passed" in done.stdout
 
 
 def test_merge_checks_its_arguments():
     x, metric = torch.randn(2, 9, 8), torch.randn(2, 9, 4)
-    with pytest.raises(ValueError, match=r"r must be in \[1, \(N - 1\) // 2 = 4\], got 5"):
+    with pytest.raises(ValueError, match=r"r must be in \[1, \(N - protected\) // 2 = 4\], got 5"):
         tome_kernel.merge(x, metric, None, 5)
     with pytest.raises(ValueError, match="metric must be"):
         tome_kernel.merge(x, metric[:, :8], None, 2)
@@ -60,6 +61,7 @@ def test_kernels_on_cuda_match_the_torch_path(dtype):
     check_merge("cuda", dtype, 64, 197, 768, 64, 16)
     check_merge("cuda", dtype, 4, tome_kernel.MAX_TOKENS, 96, 64, 100, with_norm=False, seed=1)
     check_merge("cuda", dtype, 8, 37, 768, 64, 16, sized=False, with_update=False, seed=2)
+    check_merge("cuda", dtype, 8, 198, 768, 64, 16, seed=3, protected=2)  # DeiT's CLS and distillation tokens
     check_ties("cuda")
 
 

@@ -22,22 +22,23 @@ SCORE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 VALUE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def check_matching(metric: torch.Tensor, rows: torch.Tensor, r: int, score_tol: float) -> None:
-    """``rows`` [B, N] is a ToMe matching of ``metric`` [B, N, D] (float32): exactly ``r`` A tokens (even positions,
-    never the CLS token) merged, each into a B token it matches best, the merged ones the best-matched, survivors
-    numbered in order; all up to ``score_tol`` in the cosine scores."""
+def check_matching(metric: torch.Tensor, rows: torch.Tensor, r: int, score_tol: float, protected: int = 1) -> None:
+    """``rows`` [B, N] is a ToMe matching of ``metric`` [B, N, D] (float32): exactly ``r`` A tokens (even positions)
+    merged, each into a B token it matches best, the merged ones the best-matched, the first ``protected`` tokens
+    neither merged nor receiving, survivors numbered in order; all up to ``score_tol`` in the cosine scores."""
     batch, n, _ = metric.shape
     unit = metric / metric.norm(dim=-1, keepdim=True)
     scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
+    scores[:, :, : protected // 2] = float("-inf")
     a_rows, b_rows = rows[:, ::2], rows[:, 1::2]
     joins = a_rows[:, :, None] == b_rows[:, None, :]  # A token merged into B token
     merged = joins.any(-1)
-    assert (merged.sum(1) == r).all() and not merged[:, 0].any(), "r A tokens merge, never the CLS token"
-    assert (joins.sum(-1) <= 1).all()
+    assert (merged.sum(1) == r).all() and not merged[:, : (protected + 1) // 2].any(), "r unprotected A tokens merge"
+    assert (joins.sum(-1) <= 1).all() and not joins[:, :, : protected // 2].any(), "protected B tokens receive nothing"
     best = scores.max(-1).values
     chosen = torch.where(joins, scores, float("-inf")).max(-1).values
     assert (best - chosen)[merged].max() <= score_tol, "a merged A token joins a B token it matches best"
-    best[:, 0] = float("-inf")
+    best[:, : (protected + 1) // 2] = float("-inf")
     weakest_merged = torch.where(merged, best, float("inf")).min(1).values
     strongest_kept = torch.where(merged, float("-inf"), best).max(1).values
     assert (strongest_kept - weakest_merged).max() <= score_tol, "the merged A tokens are the best-matched"
@@ -47,7 +48,7 @@ def check_matching(metric: torch.Tensor, rows: torch.Tensor, r: int, score_tol: 
 
 
 def check_merge(device: str, dtype: torch.dtype, batch: int, n: int, channels: int, dim: int, r: int, sized: bool = True,
-                with_update: bool = True, with_norm: bool = True, seed: int = 0) -> None:
+                with_update: bool = True, with_norm: bool = True, seed: int = 0, protected: int = 1) -> None:
     """:func:`tome_kernel.merge` on random inputs against the torch path: the matching (equal to
     :func:`bipartite_soft_matching`'s in float32, else optimal within 16-bit score rounding), the size-weighted
     average of ``x + update`` on those rows, the merged sizes and the fused LayerNorm."""
@@ -61,12 +62,12 @@ def check_merge(device: str, dtype: torch.dtype, batch: int, n: int, channels: i
         norm = torch.nn.LayerNorm(channels).to(device, dtype)
         with torch.no_grad():
             norm.weight.copy_(rand(channels)), norm.bias.copy_(rand(channels))
-    got = tome_kernel.merge(x, metric, size, r, update=update, norm=norm)
+    got = tome_kernel.merge(x, metric, size, r, update=update, norm=norm, protected=protected)
     assert got.x.shape == (batch, n - r, channels) and got.x.dtype == dtype and got.size.shape == (batch, n - r, 1)
     assert got.size.dtype == dtype and got.rows.dtype == torch.long
     if dtype == torch.float32:
-        assert torch.equal(got.rows, bipartite_soft_matching(metric, r).rows)
-    check_matching(metric.float(), got.rows, r, SCORE_TOL[dtype])
+        assert torch.equal(got.rows, bipartite_soft_matching(metric, r, protected).rows)
+    check_matching(metric.float(), got.rows, r, SCORE_TOL[dtype], protected)
     full = x.float() if update is None else x.float() + update.float()
     ones = torch.ones(batch, n, 1, device=device)
     want_x, want_size = Matching(got.rows, n - r).merge_average(full, size.float() if sized else ones)
@@ -88,17 +89,19 @@ def check_ties(device: str) -> None:
     assert rows[0].tolist() == [0, 1, 1, 2, 1, 3, 1, 4, 5, 6, 7]  # A tokens 1-3 (positions 2, 4, 6) join B token 0 (row 1)
 
 
-# (batch, n, channels, dim, r, sized, update, norm): odd and even N, N = 5, r = 1, r = (N - 1) // 2, r over BLOCK_R (16)
-INTERPRETED_CASES = [(2, 197, 96, 64, 16, True, True, True), (2, 8, 16, 16, 3, True, False, False),
-                     (1, 5, 8, 3, 2, False, True, False), (2, 100, 40, 64, 49, True, True, True),
-                     (2, 37, 24, 24, 1, False, False, True), (1, 90, 48, 32, 40, True, False, True)]
+# (batch, n, channels, dim, r, sized, update, norm, protected): odd and even N, N = 5, r = 1, r = (N - protected) // 2,
+# r over BLOCK_R (16), a distillation token (2 protected) and registers (5)
+INTERPRETED_CASES = [(2, 197, 96, 64, 16, True, True, True, 1), (2, 8, 16, 16, 3, True, False, False, 1),
+                     (1, 5, 8, 3, 2, False, True, False, 1), (2, 100, 40, 64, 49, True, True, True, 1),
+                     (2, 37, 24, 24, 1, False, False, True, 1), (1, 90, 48, 32, 40, True, False, True, 1),
+                     (2, 198, 32, 64, 16, True, True, True, 2), (2, 41, 16, 16, 18, True, False, False, 5)]
 
 
 def run_interpreted() -> None:
     """The CPU cases, in float32 and float16 (under TRITON_INTERPRET=1)."""
     for dtype in (torch.float32, torch.float16):
-        for i, (batch, n, channels, dim, r, sized, update, norm) in enumerate(INTERPRETED_CASES):
-            check_merge("cpu", dtype, batch, n, channels, dim, r, sized, update, norm, seed=i)
+        for i, (batch, n, channels, dim, r, sized, update, norm, protected) in enumerate(INTERPRETED_CASES):
+            check_merge("cpu", dtype, batch, n, channels, dim, r, sized, update, norm, seed=i, protected=protected)
     check_ties("cpu")
     print(f"{2 * len(INTERPRETED_CASES) + 1} interpreted checks passed")
 

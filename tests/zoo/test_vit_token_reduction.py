@@ -177,5 +177,30 @@ def test_patch_mask_fallback_equals_folded_bias(timm_vit):
 def test_patch_refuses_other_models():
     with pytest.raises(TypeError, match="got Linear"):
         patch(torch.nn.Linear(2, 2), "tome")
-    with pytest.raises(ValueError, match="CLS token"):
-        patch(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, reg_tokens=2), "tome")
+    with pytest.raises(ValueError, match="needs a CLS token"):
+        patch(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, class_token=False,
+                                global_pool="avg"), "tome")
+    with pytest.raises(ValueError, match="'evit' protects only the CLS token; this model has 3 prefix tokens"):
+        patch(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, reg_tokens=2), "evit")
+
+
+@pytest.mark.parametrize("kind", ["distilled", "registers"])
+def test_patch_tome_protects_distillation_and_register_tokens(kind):
+    """DeiT's distillation token and register tokens stay first and alone under ToMe (r=0: exact)."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    config = dict(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+    model = (VisionTransformerDistilled(**config) if kind == "distilled" else VisionTransformer(reg_tokens=3, **config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prefix = model.num_prefix_tokens
+    images = torch.randn(*IMAGES)
+    with torch.no_grad():
+        want = model(images)
+        torch.testing.assert_close(patch(model, "tome", r=0)(images), want, atol=0, rtol=0)
+        got = patch(model, "tome", r=8, track_source=True)(images)
+    tokens = model.token_reduction.last_tokens
+    assert tokens.size.shape[1] == 64 + prefix - 3 * 8 and (tokens.size[:, :prefix] == 1).all()
+    assert torch.equal(tokens.source[:, :prefix, :prefix], torch.eye(prefix).expand(2, -1, -1))
+    assert (got - want).abs().max() > 1e-3
