@@ -3,7 +3,8 @@
 (a) Kernels, side by side in one run (B*T = 65536, 16 heads of 64, bf16, fwd+bwd, median ms):
     ``fla``        the raw fla-core op (``chunk_linear_attn``, ``chunk_retention``, ``chunk_gla``,
                    ``chunk_delta_rule``, ``chunk_gated_delta_rule``);
-    ``ours-fla``   the same op through our mixer's core with ``backend="fla"`` (target <= 1.05x fla);
+    ``ours-fla``   the same op through our mixer's core with ``backend="fla"`` (target <= 1.05x fla; the two
+                   are timed in turns, one call of each per round, so clock drift weighs on both alike);
     ``ours-torch`` our chunked PyTorch path (``backend="torch"``; target <= 2.5x fla at T = 16k);
     ``sdpa``       causal ``F.scaled_dot_product_attention`` on the same q, k, v (the crossover: the
                    smallest T at which a mixer's time drops below it).
@@ -36,11 +37,12 @@ import layers
 from layers.deltanet import l2norm
 from layers.linear_attention import call_fla, fla_available
 from layers.retnet import retention_log_decay
-from zoo.bench import DECODE_MODES, decode_modes, decode_throughput, markdown_table, median_ms, release, write_report
+from zoo.bench import DECODE_MODES, decode_modes, decode_throughput, interleaved_median_ms, markdown_table, release, write_report
 
 from bench_ssm_gpu import guarded
 
 FLA_TARGET = 1.05  # ours-fla / fla, at most
+PAIRED = ("ours-fla", "fla")  # timed in turns
 TORCH_TARGET = 2.5  # ours-torch / fla at T = 16k, at most
 DECODE_TARGET = 5.0  # recurrent / attention decoding tokens/s at the longest context, at least
 
@@ -110,20 +112,20 @@ KERNELS = [
 ]
 
 
-def time_fwd_bwd(fn: Callable[[], Any], inputs: list[torch.Tensor], device: torch.device, warmup: int, iters: int) -> float:
-    """Median ms of forward + backward of ``fn()`` (its first output, summed against a fixed random cotangent)."""
-    out = fn()[0]
-    dy = torch.randn_like(out)
+def time_fwd_bwd(fns: dict[str, Callable[[], Any]], inputs: list[torch.Tensor], device: torch.device, warmup: int,
+                 iters: int) -> dict[str, float]:
+    """Median ms of forward + backward of each ``fn()`` (its first output, against a fixed random cotangent), the
+    functions timed in turns (:func:`zoo.bench.interleaved_median_ms`)."""
 
-    def run():
-        o = fn()[0]
-        torch.autograd.backward(o, dy)
+    def fwd_bwd(fn):
+        dy = torch.randn_like(fn()[0])
+        return lambda: torch.autograd.backward(fn()[0], dy)
 
     def clear():
         for t in inputs:
             t.grad = None
 
-    return median_ms(run, device, warmup, iters, clear)
+    return interleaved_median_ms({name: fwd_bwd(fn) for name, fn in fns.items()}, device, warmup, iters, clear)
 
 
 def kernel_rows(p: dict[str, Any], names: list[str], compile: bool = False) -> list[dict[str, Any]]:
@@ -150,18 +152,21 @@ def kernel_rows(p: dict[str, Any], names: list[str], compile: bool = False) -> l
                 impls["ours-torch-compiled"] = lambda: compiled(q, k, v, **extra)
             if use_fla:
                 impls["fla"] = lambda: case.fla_call(q, k, v, **extra)
-            for impl, fn in impls.items():
-                row = {"section": "kernels", "mixer": case.mixer, "impl": impl, "op": case.fla_op if impl == "fla" else None,
-                       "batch": B, "seq_len": T, "heads": H, "head_dim": D, "dtype": str(dtype).removeprefix("torch."),
-                       "fwd_bwd_ms": None, "error": None}
+            # ours-fla and fla (the same kernels) are timed in turns: their ratio is read against a 1.05 target
+            groups = [[impl] for impl in impls if impl not in PAIRED] + [[i for i in PAIRED if i in impls]]
+            for group in filter(None, groups):
+                base = {"section": "kernels", "mixer": case.mixer, "batch": B, "seq_len": T, "heads": H, "head_dim": D,
+                        "dtype": str(dtype).removeprefix("torch."), "fwd_bwd_ms": None, "error": None}
                 try:
-                    row["fwd_bwd_ms"] = time_fwd_bwd(fn, inputs, device, p["warmup"], p["iters"])
+                    times = time_fwd_bwd({i: impls[i] for i in group}, inputs, device, p["warmup"], p["iters"])
                 except Exception as e:  # noqa: BLE001 - a refused kernel is a result to report, not a crash
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    times, base["error"] = {}, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 release(device)
-                rows.append(row)
-                say(f"kernels {case.mixer:<15} T={T:>6} B={B:<3} {impl:<11} "
-                    + (f"{row['fwd_bwd_ms']:9.3f} ms" if row["fwd_bwd_ms"] is not None else row["error"]))
+                for impl in group:
+                    row = {**base, "impl": impl, "op": case.fla_op if impl == "fla" else None, "fwd_bwd_ms": times.get(impl)}
+                    rows.append(row)
+                    say(f"kernels {case.mixer:<15} T={T:>6} B={B:<3} {impl:<11} "
+                        + (f"{row['fwd_bwd_ms']:9.3f} ms" if row["fwd_bwd_ms"] is not None else row["error"]))
     return rows
 
 

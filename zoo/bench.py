@@ -158,14 +158,23 @@ TIMERS = {"cuda": cuda_ms, "cpu": cpu_ms}
 
 def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, iters: int, before: Callable[[], None]) -> float:
     """Median wall time of ``fn`` over ``iters`` calls after ``warmup`` untimed ones; ``before`` runs untimed before each."""
+    return interleaved_median_ms({"fn": fn}, device, warmup, iters, before)["fn"]
+
+
+def interleaved_median_ms(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int,
+                          before: Callable[[], None]) -> dict[str, float]:
+    """Median wall time of each of ``fns``, timed in turns (one call of each per round, ``iters`` rounds after
+    ``warmup`` untimed ones), so that drifting clocks or a warming card weigh on all of them alike."""
     for _ in range(warmup):
-        before()
-        fn()
-    times = []
+        for fn in fns.values():
+            before()
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
-        before()
-        times.append(TIMERS[device.type](fn))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            before()
+            times[name].append(TIMERS[device.type](fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # The CPU's fused SDPA kernel has no formula in torch's counter; count it as the CUDA kernels are counted.
