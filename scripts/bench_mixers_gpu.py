@@ -36,7 +36,6 @@ import torch.nn.functional as F
 import layers
 from layers.deltanet import l2norm
 from layers.linear_attention import call_fla, fla_available
-from layers.retnet import retention_log_decay
 from zoo.bench import DECODE_MODES, decode_modes, decode_throughput, interleaved_median_ms, markdown_table, release, write_report
 
 from bench_ssm_gpu import guarded
@@ -96,7 +95,7 @@ KERNELS = [
     KernelCase("retnet", "fla.ops.retention.chunk_retention", lambda *a: {},
                lambda q, k, v: call_fla("fla.ops.retention.chunk_retention", q, k, v, scale=q.shape[-1] ** -0.5,
                                         output_final_state=True),
-               lambda m, q, k, v: m._core(q, k, v, retention_log_decay(q.shape[2], q.device), None, False)),
+               lambda m, q, k, v: m._core(q, k, v, m.log_decay, None, False)),  # the decays the mixer keeps as a buffer
     KernelCase("gla", "fla.ops.gla.chunk_gla", _log_gates,
                lambda q, k, v, log_g: call_fla("fla.ops.gla.chunk_gla", q, k, v, log_g, scale=q.shape[-1] ** -0.5,
                                                output_final_state=True),
