@@ -13,8 +13,8 @@
     Targets: the layer's expert TFLOP/s >= 80% of ``dense``'s; loop / grouped_mm time >= 5. ``auto``'s choice
     for these inputs is reported.
 (b) Training steps (bf16 autocast, fused AdamW, grad clip: bench_spine_gpu's ``train_step``) of lm-350m-moe
-    against lm-350m with ``mlp_hidden`` chosen so both have the same active parameters (B = 8, T = 1024);
-    target: MoE tokens/s >= 0.7x the dense model's.
+    against lm-350m with ``mlp_hidden`` chosen so both have the same active parameters (B = 8, T = 1024), both
+    models resident and their steps timed in turns; target: MoE tokens/s >= 0.7x the dense model's.
 
 Failures (out of memory, a refused implementation) are reported in their row (``error``); the run goes on.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,9 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from layers.moe import MoE, grouped_mm_unsupported
-from bench_ssm_gpu import fmt, guarded, ratio, say, training_result, yes_no
-from zoo.bench import markdown_table, median_ms, write_report
+from bench_spine_gpu import train_step
+from bench_ssm_gpu import fmt, guarded, ratio, say, yes_no
+from zoo.bench import interleaved_median_ms, markdown_table, median_ms, write_report
 from zoo.registry import create_model
+from zoo.tasks.lm import LanguageModeling
 
 EFFICIENCY_TARGET = 0.8  # MoE layer expert TFLOP/s over the dense GEMM's, at least
 LOOP_TARGET = 5.0  # loop / grouped_mm layer time, at least
@@ -223,14 +226,62 @@ def moe_dispatch(name: str, p: dict[str, Any]) -> list[str]:
     return sorted(seen)
 
 
+def build_training(name: str, p: dict[str, Any], compile: bool, overrides: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
+    """Model ``name`` with its optimiser, warmed up: its counts and peak memory (above what was allocated before it
+    was built), and one full training step on a fixed batch."""
+    device, T = torch.device(p["device"]), p["train_seq_len"]
+    autocast = (lambda: torch.autocast(device.type, dtype=p["autocast"])) if p["autocast"] else nullcontext
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.device(device):
+        model = create_model(name, **{"max_seq_len": T, **overrides})
+    forward = torch.compile(model) if compile else model
+    task = LanguageModeling()
+    step = train_step(model, lambda b: task.loss(forward, b, with_metrics=False)[0], autocast, device)
+    ids = torch.randint(0, model.config.vocab_size, (p["train_batch"], T + 1), device=device)
+    data = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+    for _ in range(p["train_warmup"]):
+        step(data)
+    peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else None
+    return {"params": model.num_params(), "active_params": model.num_active_params(), "peak_mb": peak}, lambda: step(data)
+
+
+def training_pair(moe_name: str, dense_name: str, hidden: int, p: dict[str, Any], compile: bool) -> dict[str, dict]:
+    """Training rows of the MoE LM and its dense twin, both resident and timed step by step in turns
+    (:func:`zoo.bench.interleaved_median_ms`): timed one after the other, the same model's step time moved by up
+    to 15% between runs on an H200, more than the gap to the target."""
+    device, T = torch.device(p["device"]), p["train_seq_len"]
+    rows, steps = {}, {}
+    for kind, name, overrides in (("moe", moe_name, {}), ("dense", dense_name, {"mlp_hidden": hidden})):
+        rows[kind] = {"section": "training", "model": name, "overrides": overrides, "batch": p["train_batch"],
+                      "seq_len": T, "compile": compile, "autocast": str(p["autocast"]), "params": None,
+                      "active_params": None, "step_ms": None, "tokens_per_s": None, "peak_mb": None, "error": None}
+
+        def build(kind=kind, name=name, overrides=overrides):
+            counts, steps[kind] = build_training(name, p, compile, overrides)
+            return counts
+
+        guarded(rows[kind], device, build)
+    if steps:
+        times = interleaved_median_ms(steps, device, 0, p["train_steps"], lambda: None)
+        for kind, ms in times.items():
+            rows[kind].update(step_ms=ms, tokens_per_s=p["train_batch"] * T / (ms / 1e3))
+    for row in rows.values():
+        say(f"training {row['model']:<16} B={row['batch']} T={T} " + (
+            f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.1f} ms  peak {fmt(row['peak_mb'], ',.0f')} MB"
+            if row["error"] is None else row["error"]))
+    return rows
+
+
 def training_pairs(p: dict[str, Any], compile: bool) -> list[dict[str, Any]]:
     out = []
     for moe_name, dense_name in p["pairs"]:
-        moe = training_result(moe_name, p["train_batch"], p, compile)
         with torch.device("meta"):
             active = create_model(moe_name).num_active_params()
         hidden = matched_dense_hidden(dense_name, active)
-        dense = training_result(dense_name, p["train_batch"], p, compile, mlp_hidden=hidden)
+        rows = training_pair(moe_name, dense_name, hidden, p, compile)
+        moe, dense = rows["moe"], rows["dense"]
         speed = ratio(moe["tokens_per_s"], dense["tokens_per_s"])
         say(f"training {moe_name} / {dense_name}(mlp_hidden={hidden}) tokens/s = {fmt(speed, '.3f')} "
             f"(target >= {TRAIN_TARGET}: {'ok' if (speed or 0) >= TRAIN_TARGET else 'MISSED'})")

@@ -164,16 +164,26 @@ def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, iters: 
 def interleaved_median_ms(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int,
                           before: Callable[[], None]) -> dict[str, float]:
     """Median wall time of each of ``fns``, timed in turns (one call of each per round, ``iters`` rounds after
-    ``warmup`` untimed ones), so that drifting clocks or a warming card weigh on all of them alike."""
+    ``warmup`` untimed ones), so that drifting clocks or a warming card weigh on all of them alike. Python's
+    garbage collector is off while timing (as in ``timeit``): its full passes over every object an earlier
+    benchmark left alive landed in host-bound steps (an MoE LM's step read 173-175 ms with it on, 155 ms off,
+    on an H200)."""
     for _ in range(warmup):
         for fn in fns.values():
             before()
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            before()
-            times[name].append(TIMERS[device.type](fn))
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(iters):
+            for name, fn in fns.items():
+                before()
+                times[name].append(TIMERS[device.type](fn))
+    finally:
+        if was_enabled:
+            gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
