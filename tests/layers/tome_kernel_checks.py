@@ -91,10 +91,10 @@ def check_ties(device: str) -> None:
 
 # (batch, n, channels, dim, r, sized, update, norm, protected): odd and even N, N = 5, r = 1, r = (N - protected) // 2,
 # r over BLOCK_R (16), a distillation token (2 protected) and registers (5)
-INTERPRETED_CASES = [(2, 197, 96, 64, 16, True, True, True, 1), (2, 8, 16, 16, 3, True, False, False, 1),
-                     (1, 5, 8, 3, 2, False, True, False, 1), (2, 100, 40, 64, 49, True, True, True, 1),
-                     (2, 37, 24, 24, 1, False, False, True, 1), (1, 90, 48, 32, 40, True, False, True, 1),
-                     (2, 198, 32, 64, 16, True, True, True, 2), (2, 41, 16, 16, 18, True, False, False, 5)]
+INTERPRETED_CASES = [(1, 197, 32, 64, 16, True, True, True, 1), (2, 8, 16, 16, 3, True, False, False, 1),
+                     (1, 5, 8, 3, 2, False, True, False, 1), (1, 100, 24, 64, 49, True, True, True, 1),
+                     (2, 37, 24, 24, 1, False, False, True, 1), (1, 90, 16, 32, 40, True, False, True, 1),
+                     (1, 198, 16, 64, 16, True, True, True, 2), (2, 41, 16, 16, 18, True, False, False, 5)]
 
 
 def run_interpreted() -> None:
