@@ -173,7 +173,6 @@ def interleaved_median_ms(fns: dict[str, Callable[[], None]], device: torch.devi
             before()
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
