@@ -190,7 +190,7 @@ def run_grouped(experts: StackedExperts, x: Tensor, routing: Routing) -> Tensor:
     group_end = padded.cumsum(0)
     # Static bound on the buffer (no host sync): sum(padded) <= A + E * align, plus one row for drops.
     rows = math.ceil((expert.numel() + num_experts * align + 1) / align) * align
-    offs = torch.cat([group_end[:-1], group_end.new_tensor([rows])]).to(torch.int32)
+    offs = torch.cat([group_end[:-1], group_end.new_full((1,), rows)]).to(torch.int32)  # new_tensor would sync the host
     # Dropped assignments read the last row, which only ever holds zeros: a bias-free MLP maps it to 0.
     position = torch.where(kept, group_end[expert] - padded[expert] + routing.rank, rows - 1)
     source = torch.full((rows,), num_tokens, dtype=torch.long, device=x.device)

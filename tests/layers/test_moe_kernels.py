@@ -66,3 +66,20 @@ def test_moe_layer_with_kernels_matches_its_torch_path(monkeypatch, top_k):
     assert (y.float() - y_ref.float()).abs().max() <= 2e-2 * scale
     for g, g_ref in zip(grads, grads_ref):  # top-1's router gradient is rounding noise (~1e-11): an absolute floor
         assert (g.float() - g_ref.float()).abs().max() <= 3e-2 * g_ref.float().abs().max() + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_moe_layer_never_waits_for_the_gpu(capacity_factor):
+    """The grouped_mm layer's forward and backward issue no host-device synchronisation (one per layer made an
+    MoE LM's training step host-bound: a copy of the buffer's row count to the GPU waited for the stream)."""
+    moe = MoE(256, 512, 16, top_k=2, implementation="grouped_mm", capacity_factor=capacity_factor).cuda().to(torch.bfloat16)
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, aux = moe(x)  # first call: grouped_mm's one-off support probe may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, aux = moe(x)
+        (out.float().square().mean() + aux.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
