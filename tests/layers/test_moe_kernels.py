@@ -81,5 +81,8 @@ def test_moe_layer_never_waits_for_the_gpu(capacity_factor):
     try:
         out, aux = moe(x)
         (out.float().square().mean() + aux.loss).backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            out.sum().item()  # the mode does catch a synchronisation
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and torch.isfinite(x.grad).all() and moe.experts.w_in.grad.abs().sum() > 0
