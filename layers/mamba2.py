@@ -11,10 +11,11 @@ Heads have ``headdim`` channels (nheads = d_inner / headdim); the ``ngroups`` gr
 are shared by nheads / ngroups consecutive heads.
 
 SSD: with a scalar decay per head and token this is gated linear attention with q = C, k = B,
-v = dt x, log decay dt A and scale 1, so the chunked training path is
-:func:`layers.linear_attention.chunk_gla` (state [d_state, headdim] there, transposed to
-mamba-ssm's [headdim, d_state] here). Its matmuls run in the activations' dtype, dt, the decays
-and the state in float32 (float64 for float64 inputs). In float32 its gradient of the log decays
+v = dt x, log decay dt A and scale 1. The chunked training path (:func:`ssd_chunked`) is the chunked
+GLA computed per group of heads sharing B and C (C B^T once per group, the heads' state GEMMs side by
+side), with its inter-chunk scan (:func:`layers.linear_attention.chunk_states`; state [d_state, headdim]
+there, transposed to mamba-ssm's [headdim, d_state] here). Its matmuls run in the activations' dtype,
+dt, the decays and the state in float32 (float64 for float64 inputs). In float32 its gradient of the log decays
 (so of A and dt) carries the rounding of terms that cancel exactly (the exp(b_i - b_i) = 1
 diagonal): an absolute error of about 1e-7 times their size. References, in float32 (float64
 stays): :func:`ssd_quadratic_ref` (the explicit masked "attention" form with L = exp(segsum(dt A)))
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layers.causal_conv import causal_conv1d
-from layers.linear_attention import check_chunk_size, chunk_gla
+from layers.linear_attention import check_chunk_size, chunk_states
 from layers.mamba import SelectiveSSMMixer, check_dt_range, check_positive_int, dt_bias_init, expanded_width
 from layers.mixer import State, register_mixer
 
@@ -100,17 +101,51 @@ def ssd_recurrent_ref(x, dt, A, B, C, D=None, initial_state=None):
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
-    """The chunked SSD via :func:`chunk_gla` (q = C, k = B, v = dt x, log decay dt A, scale 1).
-    Same arguments and outputs as :func:`ssd_quadratic_ref`; T need not be a multiple of
-    ``chunk_size`` (a power of two)."""
-    H, ct = x.shape[2], _compute_dtype(x)
-    tr = lambda t: t.transpose(1, 2)
-    q, k = tr(_per_head(C, H)).to(x.dtype), tr(_per_head(B, H)).to(x.dtype)
-    v = tr(x.to(ct) * dt.to(ct)[..., None]).to(x.dtype)
-    log_g = tr(dt.to(ct) * A.to(ct))[..., None]  # [B, H, T, 1]
-    S0 = None if initial_state is None else initial_state.transpose(-1, -2)
-    o, S = chunk_gla(q, k, v, log_g, S0, scale=1.0, state_dtype=ct, chunk_size=chunk_size)
-    return _skip(tr(o).to(ct), x, D).to(x.dtype), S.transpose(-1, -2)
+    """The chunked SSD, grouped as Mamba-2's: within a chunk of L tokens, y = (C B^T * L_h) (dt x) (L_h the
+    per-head decay mask) plus the chunk's entering state read by C; the states pass between chunks by the
+    chunked GLA's scan (:func:`layers.linear_attention.chunk_states`). The heads of a group share B and C, so
+    C B^T is computed once per group (with ngroups = 1, once for all heads), and the per-head state GEMMs run as
+    one GEMM per group with the heads side by side. Matmuls in the activations' dtype, dt, decays and states in
+    float32 (float64 for float64 inputs). Same arguments and outputs as :func:`ssd_quadratic_ref`; T need not
+    be a multiple of ``chunk_size`` (a power of two)."""
+    check_chunk_size(chunk_size)
+    batch, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    ct, dtype = _compute_dtype(x), x.dtype
+    L = min(chunk_size, 1 << max(T - 1, 0).bit_length())
+    nc = -(-T // L)
+    pad = nc * L - T
+    v = x.to(ct) * dt.to(ct)[..., None]  # [b, T, H, P]
+    a = dt.to(ct) * A.to(ct)  # [b, T, H]: log decays
+    if pad:  # zero inputs and decays leave the state untouched
+        v, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (v, B, C))
+        a = F.pad(a, (0, 0, 0, pad))
+    by_group = lambda t: t.reshape(batch, nc, L, G, -1).transpose(2, 3)  # [b, T, G, *] -> [b, nc, G, L, *]
+    Bg, Cg = by_group(B.to(dtype)), by_group(C.to(dtype))
+    cs = a.reshape(batch, nc, L, G, H // G).permute(0, 1, 3, 4, 2).cumsum(-1)  # [b, nc, G, H/G, L]
+    v = v.reshape(batch, nc, L, G, H // G, P).permute(0, 1, 3, 4, 2, 5)  # [b, nc, G, H/G, L, P]
+
+    # within chunks: (C B^T, once per group) * each head's decay mask, then times the head's values
+    tril = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    decay = (cs[..., :, None] - cs[..., None, :]).masked_fill(~tril, float("-inf")).exp()
+    scores = ((Cg @ Bg.transpose(-1, -2))[:, :, :, None].to(ct) * decay).to(dtype)
+    o = scores @ v.to(dtype)  # [b, nc, G, H/G, L, P]
+
+    # each chunk's contribution to the state, B^T (values decayed to the chunk's end), the group's heads side by side
+    heads_last = lambda t: t.transpose(3, 4).flatten(-2)  # [b, nc, G, H/G, L, P] -> [b, nc, G, L, H/G * P]
+    v_to_end = (v * (cs[..., -1:] - cs).exp()[..., None]).to(dtype)
+    kv = (Bg.transpose(-1, -2) @ heads_last(v_to_end)).unflatten(-1, (H // G, P))  # [b, nc, G, N, H/G, P]
+    kv = kv.permute(0, 2, 4, 1, 3, 5).reshape(batch, H, nc, N, P).to(ct)
+    chunk_decay = cs[..., -1].permute(0, 2, 3, 1).reshape(batch, H, nc, 1, 1)
+    S0 = None if initial_state is None else initial_state.to(ct).transpose(-1, -2)  # [b, H, N, P]
+    states, S = chunk_states(kv, chunk_decay, S0)  # the states entering each chunk, [b, H, nc, N, P]
+
+    # the entering state read by C, decayed to each position
+    states = states.reshape(batch, G, H // G, nc, N, P).permute(0, 3, 1, 4, 2, 5).flatten(-2).to(dtype)
+    o_inter = (Cg @ states).unflatten(-1, (H // G, P)).transpose(3, 4)  # [b, nc, G, H/G, L, P]
+    o = o.to(ct) + o_inter.to(ct) * cs.exp()[..., None]
+    y = o.permute(0, 1, 4, 2, 3, 5).reshape(batch, nc * L, H, P)[:, :T]
+    return _skip(y, x, D).to(x.dtype), S.transpose(-1, -2)
 
 
 def ssd_step(x, dt, A, B, C, D=None, initial_state=None):
