@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,11 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from layers.moe import MoE, grouped_mm_unsupported
-from bench_spine_gpu import train_step
-from bench_ssm_gpu import fmt, guarded, ratio, say, yes_no
+from bench_ssm_gpu import build_training, fmt, guarded, ratio, say, yes_no
 from zoo.bench import interleaved_median_ms, markdown_table, median_ms, write_report
 from zoo.registry import create_model
-from zoo.tasks.lm import LanguageModeling
 
 EFFICIENCY_TARGET = 0.8  # MoE layer expert TFLOP/s over the dense GEMM's, at least
 LOOP_TARGET = 5.0  # loop / grouped_mm layer time, at least
@@ -226,27 +223,6 @@ def moe_dispatch(name: str, p: dict[str, Any]) -> list[str]:
     return sorted(seen)
 
 
-def build_training(name: str, p: dict[str, Any], compile: bool, overrides: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
-    """Model ``name`` with its optimiser, warmed up: its counts and peak memory (above what was allocated before it
-    was built), and one full training step on a fixed batch."""
-    device, T = torch.device(p["device"]), p["train_seq_len"]
-    autocast = (lambda: torch.autocast(device.type, dtype=p["autocast"])) if p["autocast"] else nullcontext
-    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.device(device):
-        model = create_model(name, **{"max_seq_len": T, **overrides})
-    forward = torch.compile(model) if compile else model
-    task = LanguageModeling()
-    step = train_step(model, lambda b: task.loss(forward, b, with_metrics=False)[0], autocast, device)
-    ids = torch.randint(0, model.config.vocab_size, (p["train_batch"], T + 1), device=device)
-    data = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
-    for _ in range(p["train_warmup"]):
-        step(data)
-    peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else None
-    return {"params": model.num_params(), "active_params": model.num_active_params(), "peak_mb": peak}, lambda: step(data)
-
-
 def training_pair(moe_name: str, dense_name: str, hidden: int, p: dict[str, Any], compile: bool) -> dict[str, dict]:
     """Training rows of the MoE LM and its dense twin, both resident and timed step by step in turns
     (:func:`zoo.bench.interleaved_median_ms`): timed one after the other, the same model's step time moved by up
@@ -259,7 +235,7 @@ def training_pair(moe_name: str, dense_name: str, hidden: int, p: dict[str, Any]
                       "active_params": None, "step_ms": None, "tokens_per_s": None, "peak_mb": None, "error": None}
 
         def build(kind=kind, name=name, overrides=overrides):
-            counts, steps[kind] = build_training(name, p, compile, overrides)
+            counts, steps[kind] = build_training(name, p["train_batch"], p, compile, overrides)
             return counts
 
         guarded(rows[kind], device, build)

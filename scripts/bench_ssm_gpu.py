@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,7 +40,7 @@ from layers.linear_attention import call_fla, fla_available
 from layers.mamba import selective_scan_chunked, selective_scan_ref
 from layers.mamba2 import ssd_chunked, ssd_recurrent_ref
 from bench_spine_gpu import train_step
-from zoo.bench import DECODE_MODES, TIMERS, decode_modes, decode_throughput, markdown_table, median_ms, release, write_report
+from zoo.bench import DECODE_MODES, decode_modes, decode_throughput, markdown_table, median_ms, release, write_report
 from zoo.registry import create_model
 from zoo.tasks.lm import LanguageModeling
 
@@ -200,11 +199,16 @@ def scan_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- (b) training ---------------------------------------------------------------------------------------
 
 
-def training_row(name: str, batch: int, p: dict[str, Any], compile: bool, **overrides: Any) -> dict[str, Any]:
-    """Median step time of full training steps of ``create_model(name, **overrides)`` at ``train_seq_len``;
-    tokens/s, peak memory and the (active) parameter counts."""
+def build_training(name: str, batch: int, p: dict[str, Any], compile: bool,
+                   overrides: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
+    """``create_model(name, **overrides)`` at ``train_seq_len`` with its optimiser, warmed up: its (active)
+    parameter counts and peak memory (above what was allocated before it was built), and one full training step
+    on a fixed batch."""
     device, T = torch.device(p["device"]), p["train_seq_len"]
     autocast = (lambda: torch.autocast(device.type, dtype=p["autocast"])) if p["autocast"] else nullcontext
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with torch.device(device):
         model = create_model(name, **{"max_seq_len": T, **overrides})
     forward = torch.compile(model) if compile else model
@@ -214,12 +218,16 @@ def training_row(name: str, batch: int, p: dict[str, Any], compile: bool, **over
     data = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
     for _ in range(p["train_warmup"]):
         step(data)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_ms = statistics.median(TIMERS[device.type](lambda: step(data)) for _ in range(p["train_steps"]))
-    return {"params": model.num_params(), "active_params": model.num_active_params(), "step_ms": step_ms,
-            "tokens_per_s": batch * T / (step_ms / 1e3),
-            "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+    peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else None
+    return {"params": model.num_params(), "active_params": model.num_active_params(), "peak_mb": peak}, lambda: step(data)
+
+
+def training_row(name: str, batch: int, p: dict[str, Any], compile: bool, **overrides: Any) -> dict[str, Any]:
+    """Median step time of full training steps (:func:`build_training`); tokens/s, peak memory and the counts."""
+    device = torch.device(p["device"])
+    counts, step = build_training(name, batch, p, compile, overrides)
+    step_ms = median_ms(step, device, 0, p["train_steps"], lambda: None)
+    return {**counts, "step_ms": step_ms, "tokens_per_s": batch * p["train_seq_len"] / (step_ms / 1e3)}
 
 
 def training_result(name: str, batch: int, p: dict[str, Any], compile: bool, **overrides: Any) -> dict[str, Any]:

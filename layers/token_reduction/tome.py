@@ -156,11 +156,11 @@ class ToMe(TokenReduction):
         with the residual add and (an affine LayerNorm in x's dtype) ``norm`` fused into the merge
         (:mod:`layers.token_reduction.tome_kernel`); elsewhere the torch path, their reference."""
         r = clip_r(self.schedule[layer], x.shape[1], self.prefix_tokens)
+        normed = None
         if r > 0 and tome_kernel.supports(x, r, update):
             fused_norm = norm if norm is not None and tome_kernel.fuses_norm(x, norm) else None
-            merged = tome_kernel.merge(x, key_mean, tokens.size, r, update=update, norm=fused_norm,
-                                       protected=self.prefix_tokens)
-            x, tokens.size, rows, normed = merged
+            x, tokens.size, rows, normed = tome_kernel.merge(x, key_mean, tokens.size, r, update=update, norm=fused_norm,
+                                                             protected=self.prefix_tokens)
             matching = Matching(rows, x.shape[1])
         else:
             x = x if update is None else x + update
@@ -169,12 +169,9 @@ class ToMe(TokenReduction):
             matching = bipartite_soft_matching(key_mean, r, self.prefix_tokens)
             size = tokens.size if tokens.size is not None else x.new_ones(*x.shape[:2], 1)
             x, tokens.size = matching.merge_average(x, size)
-            fused_norm = normed = None
         if tokens.source is not None:
             tokens.source = matching.merge_sum(tokens.source)
-        if norm is None or fused_norm is not None:
-            return x, normed
-        return x, norm(x)
+        return x, normed if normed is not None or norm is None else norm(x)
 
     def extra_repr(self) -> str:
         return (f"schedule={self.schedule}, proportional_attention={self.proportional_attention}, "

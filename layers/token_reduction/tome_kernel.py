@@ -48,9 +48,10 @@ def supports(x: torch.Tensor, r: int, update: torch.Tensor | None = None) -> boo
 
 def fuses_norm(x: torch.Tensor, norm: nn.Module) -> bool:
     """Whether ``norm`` can run inside :func:`merge` on ``x``: an affine LayerNorm over the last dim in x's dtype,
-    outside autocast (which would run it in float32)."""
+    outside autocast (which would run it in float32), with no gradient to carry to its weights (no backward)."""
     return (isinstance(norm, nn.LayerNorm) and norm.normalized_shape == (x.shape[-1],) and norm.weight is not None
-            and norm.bias is not None and norm.weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type))
+            and norm.bias is not None and norm.weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
+            and not (torch.is_grad_enabled() and (norm.weight.requires_grad or norm.bias.requires_grad)))
 
 
 if triton is not None:

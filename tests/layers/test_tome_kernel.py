@@ -51,7 +51,9 @@ def test_only_cuda_inference_takes_the_kernels():
     assert not tome_kernel.supports(x, 2)  # CPU tensors take the torch path
     assert not tome_kernel.fuses_norm(x, torch.nn.LayerNorm(8).double())  # another dtype than x's
     assert not tome_kernel.fuses_norm(x, torch.nn.RMSNorm(8))
-    assert tome_kernel.fuses_norm(x, torch.nn.LayerNorm(8))
+    with torch.no_grad():
+        assert tome_kernel.fuses_norm(x, torch.nn.LayerNorm(8))
+    assert not tome_kernel.fuses_norm(x, torch.nn.LayerNorm(8))  # its weights would get no gradient
 
 
 @pytest.mark.gpu
