@@ -6,15 +6,19 @@
     (fine-grained). Expert FLOPs are those of the routed SwiGLU GEMMs only: ``tokens * top_k * 3 * dim * hidden
     * 2`` forward, x3 for fwd+bwd. Rows, side by side in one run:
     ``dense``         the same FLOPs as one plain bf16 SwiGLU on [tokens * top_k, dim] (x @ [dim, 2 hidden],
-                      then @ [hidden, dim]): the attainable rate;
+                      then @ [hidden, dim]) with torch's activation (``silu(gate) * up``): the attainable rate;
+    ``dense_fused``   the same with the layers' fused activation (:func:`layers.swiglu.swiglu`), which the
+                      experts also run: the rate against a dense MLP that gains what the experts gained;
     ``grouped_gemm``  the experts' grouped GEMMs alone on a pre-sorted, evenly split buffer;
     ``grouped_mm``    the whole layer (routing, permutation, GEMMs, combine) with ``implementation="grouped_mm"``;
     ``loop``          the whole layer with the per-expert ``implementation="loop"``.
-    Targets: the layer's expert TFLOP/s >= 80% of ``dense``'s; loop / grouped_mm time >= 5. ``auto``'s choice
-    for these inputs is reported.
+    Targets: the layer's expert TFLOP/s >= 80% of ``dense``'s; loop / grouped_mm time >= 5. The rate over
+    ``dense_fused`` and ``auto``'s choice for these inputs are reported beside them.
 (b) Training steps (bf16 autocast, fused AdamW, grad clip: bench_spine_gpu's ``train_step``) of lm-350m-moe
     against lm-350m with ``mlp_hidden`` chosen so both have the same active parameters (B = 8, T = 1024), both
-    models resident and their steps timed in turns; target: MoE tokens/s >= 0.7x the dense model's.
+    models resident and their steps timed in turns, eager (and with ``--compile`` also both torch.compile'd); one
+    and eight micro-batches per optimiser step (the optimiser, clipping and weight casts cost in proportion to all
+    parameters, 3.2x the dense model's, once per step); target: MoE tokens/s >= 0.7x the dense model's.
 
 Failures (out of memory, a refused implementation) are reported in their row (``error``); the run goes on.
 
@@ -33,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts, as top-level modules
 
 import torch
-import torch.nn.functional as F
 
 from layers.moe import MoE, grouped_mm_unsupported
+from layers.swiglu import naive_swiglu, swiglu
 from bench_ssm_gpu import build_training, fmt, guarded, ratio, say, yes_no
 from zoo.bench import interleaved_median_ms, markdown_table, median_ms, write_report
 from zoo.registry import create_model
@@ -48,11 +52,13 @@ HIDDEN_MULTIPLE = 64  # the matched dense mlp_hidden is a multiple of this
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(device="cuda", dtype=torch.bfloat16, tokens=65536, dim=1024, num_experts=64,
                 settings=({"top_k": 2, "hidden": 1024}, {"top_k": 6, "hidden": 512}), timing={"fast": (3, 10), "slow": (2, 5)},
-                pairs=(("lm-350m-moe", "lm-350m"),), train_batch=8, train_seq_len=1024, train_warmup=3, train_steps=10,
+                pairs=(("lm-350m-moe", "lm-350m"),), train_batch=8, train_seq_len=1024, train_accums=(1, 8), train_warmup=3,
+                train_steps=10,
                 autocast=torch.bfloat16),
     "smoke": dict(device="cpu", dtype=torch.float32, tokens=256, dim=64, num_experts=8,
                   settings=({"top_k": 2, "hidden": 64}, {"top_k": 6, "hidden": 32}), timing={"fast": (0, 1), "slow": (0, 1)},
-                  pairs=(("lm-tiny-moe", "lm-tiny"),), train_batch=1, train_seq_len=64, train_warmup=0, train_steps=1,
+                  pairs=(("lm-tiny-moe", "lm-tiny"),), train_batch=1, train_seq_len=64, train_accums=(1, 2), train_warmup=0,
+                  train_steps=1,
                   autocast=None),
 }
 
@@ -84,17 +90,16 @@ def build_moe(p: dict[str, Any], setting: dict[str, int], implementation: str) -
         return MoE(p["dim"], setting["hidden"], p["num_experts"], setting["top_k"], implementation=implementation).to(p["dtype"])
 
 
-def dense_case(p: dict[str, Any], setting: dict[str, int]) -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
-    """One SwiGLU over all tokens * top_k rows: the expert GEMMs' FLOPs as plain dense matmuls."""
-    rows, dim, hidden = p["tokens"] * setting["top_k"], p["dim"], setting["hidden"]
-    leaf = lambda *shape, scale=1.0: (torch.randn(*shape, device=p["device"], dtype=p["dtype"]) * scale).requires_grad_()
-    x, w_in, w_out = leaf(rows, dim), leaf(dim, 2 * hidden, scale=dim ** -0.5), leaf(hidden, dim, scale=hidden ** -0.5)
+def dense_case(activation: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., tuple[Callable[[], torch.Tensor], list]]:
+    """One SwiGLU over all tokens * top_k rows (``activation`` of the fused gate/up product): the expert GEMMs'
+    FLOPs as plain dense matmuls."""
+    def case(p: dict[str, Any], setting: dict[str, int]):
+        rows, dim, hidden = p["tokens"] * setting["top_k"], p["dim"], setting["hidden"]
+        leaf = lambda *shape, scale=1.0: (torch.randn(*shape, device=p["device"], dtype=p["dtype"]) * scale).requires_grad_()
+        x, w_in, w_out = leaf(rows, dim), leaf(dim, 2 * hidden, scale=dim ** -0.5), leaf(hidden, dim, scale=hidden ** -0.5)
+        return (lambda: activation(x @ w_in) @ w_out), [x, w_in, w_out]
 
-    def fn():
-        gate, up = (x @ w_in).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ w_out
-
-    return fn, [x, w_in, w_out]
+    return case
 
 
 def grouped_gemm_case(p: dict[str, Any], setting: dict[str, int]) -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
@@ -117,7 +122,8 @@ def layer_case(implementation: str) -> Callable[..., tuple[Callable[[], torch.Te
 
 # impl -> (builder of (fn, leaves), timing)
 LAYER_IMPLS: dict[str, tuple[Callable[..., Any], str]] = {
-    "dense": (dense_case, "fast"),
+    "dense": (dense_case(naive_swiglu), "fast"),
+    "dense_fused": (dense_case(swiglu), "fast"),
     "grouped_gemm": (grouped_gemm_case, "fast"),
     "grouped_mm": (layer_case("grouped_mm"), "fast"),
     "loop": (layer_case("loop"), "slow"),
@@ -159,7 +165,8 @@ def layer_summary(rows: list[dict[str, Any]], p: dict[str, Any]) -> list[dict[st
         ms = {r["impl"]: r["fwd_bwd_ms"] for r in rows if (r["top_k"], r["hidden"]) == (setting["top_k"], setting["hidden"])}
         efficiency = ratio(ms["dense"], ms["grouped_mm"])  # same FLOPs, so the rate ratio is the inverse time ratio
         speedup = ratio(ms["loop"], ms["grouped_mm"])
-        out.append({**setting, "efficiency": efficiency, "grouped_gemm_efficiency": ratio(ms["dense"], ms["grouped_gemm"]),
+        out.append({**setting, "efficiency": efficiency, "efficiency_vs_fused_dense": ratio(ms["dense_fused"], ms["grouped_mm"]),
+                    "grouped_gemm_efficiency": ratio(ms["dense_fused"], ms["grouped_gemm"]),  # both the fused activation
                     "loop_speedup": speedup, "auto_choice": auto_choice(p, setting),
                     "meets_efficiency_target": (efficiency or 0) >= EFFICIENCY_TARGET,
                     "meets_loop_target": (speedup or 0) >= LOOP_TARGET})
@@ -223,31 +230,37 @@ def moe_dispatch(name: str, p: dict[str, Any]) -> list[str]:
     return sorted(seen)
 
 
-def training_pair(moe_name: str, dense_name: str, hidden: int, p: dict[str, Any], compile: bool) -> dict[str, dict]:
-    """Training rows of the MoE LM and its dense twin, both resident and timed step by step in turns
-    (:func:`zoo.bench.interleaved_median_ms`): timed one after the other, the same model's step time moved by up
-    to 15% between runs on an H200, more than the gap to the target."""
+def training_pair(moe_name: str, dense_name: str, hidden: int, p: dict[str, Any], compile: bool) -> dict[int, dict[str, dict]]:
+    """Per number of micro-batches per optimiser step (``train_accums``): training rows of the MoE LM and its dense
+    twin, both resident and timed step by step in turns (:func:`zoo.bench.interleaved_median_ms`): timed one after
+    the other, the same model's step time moved by up to 15% between runs on an H200, more than the gap to the
+    target."""
     device, T = torch.device(p["device"]), p["train_seq_len"]
-    rows, steps = {}, {}
+    counts, runs = {}, {}
     for kind, name, overrides in (("moe", moe_name, {}), ("dense", dense_name, {"mlp_hidden": hidden})):
-        rows[kind] = {"section": "training", "model": name, "overrides": overrides, "batch": p["train_batch"],
-                      "seq_len": T, "compile": compile, "autocast": str(p["autocast"]), "params": None,
-                      "active_params": None, "step_ms": None, "tokens_per_s": None, "peak_mb": None, "error": None}
+        counts[kind] = {"model": name, "overrides": overrides, "params": None, "active_params": None, "peak_mb": None,
+                        "error": None}
 
         def build(kind=kind, name=name, overrides=overrides):
-            counts, steps[kind] = build_training(name, p["train_batch"], p, compile, overrides)
-            return counts
+            built, runs[kind] = build_training(name, p["train_batch"], p, compile, overrides)
+            return built
 
-        guarded(rows[kind], device, build)
-    if steps:
-        times = interleaved_median_ms(steps, device, 0, p["train_steps"], lambda: None)
-        for kind, ms in times.items():
-            rows[kind].update(step_ms=ms, tokens_per_s=p["train_batch"] * T / (ms / 1e3))
-    for row in rows.values():
-        say(f"training {row['model']:<16} B={row['batch']} T={T} " + (
-            f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.1f} ms  peak {fmt(row['peak_mb'], ',.0f')} MB"
-            if row["error"] is None else row["error"]))
-    return rows
+        guarded(counts[kind], device, build)
+    out = {}
+    for accum in p["train_accums"]:
+        rows = out[accum] = {kind: {"section": "training", **counts[kind], "batch": p["train_batch"], "seq_len": T,
+                                    "accum": accum, "compile": compile, "autocast": str(p["autocast"]), "step_ms": None,
+                                    "tokens_per_s": None} for kind in counts}
+        if runs:
+            times = interleaved_median_ms({kind: (lambda run=run: run(accum)) for kind, run in runs.items()}, device, 1,
+                                          p["train_steps"], lambda: None)
+            for kind, ms in times.items():
+                rows[kind].update(step_ms=ms, tokens_per_s=p["train_batch"] * T * accum / (ms / 1e3))
+        for row in rows.values():
+            say(f"training {row['model']:<16} B={row['batch']} T={T} accum={accum} compile={compile} " + (
+                f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.1f} ms  peak {fmt(row['peak_mb'], ',.0f')} MB"
+                if row["error"] is None else row["error"]))
+    return out
 
 
 def training_pairs(p: dict[str, Any], compile: bool) -> list[dict[str, Any]]:
@@ -256,16 +269,16 @@ def training_pairs(p: dict[str, Any], compile: bool) -> list[dict[str, Any]]:
         with torch.device("meta"):
             active = create_model(moe_name).num_active_params()
         hidden = matched_dense_hidden(dense_name, active)
-        rows = training_pair(moe_name, dense_name, hidden, p, compile)
-        moe, dense = rows["moe"], rows["dense"]
-        speed = ratio(moe["tokens_per_s"], dense["tokens_per_s"])
-        say(f"training {moe_name} / {dense_name}(mlp_hidden={hidden}) tokens/s = {fmt(speed, '.3f')} "
-            f"(target >= {TRAIN_TARGET}: {'ok' if (speed or 0) >= TRAIN_TARGET else 'MISSED'})")
         dispatch = guarded({"in_model": None, "error": None}, torch.device(p["device"]),
                            lambda: {"in_model": moe_dispatch(moe_name, p)})
         say(f"training {moe_name}: MoE layers see {dispatch['in_model'] or dispatch['error']}")
-        out.append({"moe": moe, "dense": dense, "dense_mlp_hidden": hidden, "moe_active_params": active, "dispatch": dispatch,
-                    "ratio": speed, "meets_target": (speed or 0) >= TRAIN_TARGET})
+        for accum, rows in training_pair(moe_name, dense_name, hidden, p, compile).items():
+            moe, dense = rows["moe"], rows["dense"]
+            speed = ratio(moe["tokens_per_s"], dense["tokens_per_s"])
+            say(f"training {moe_name} / {dense_name}(mlp_hidden={hidden}) accum={accum} compile={compile} tokens/s = "
+                f"{fmt(speed, '.3f')} (target >= {TRAIN_TARGET}: {'ok' if (speed or 0) >= TRAIN_TARGET else 'MISSED'})")
+            out.append({"moe": moe, "dense": dense, "dense_mlp_hidden": hidden, "moe_active_params": active,
+                        "dispatch": dispatch, "ratio": speed, "meets_target": (speed or 0) >= TRAIN_TARGET})
     return out
 
 
@@ -280,9 +293,10 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{lay['dtype']}, fwd+bwd)\n",
                   "Expert FLOPs = tokens * top_k * 3 * dim * hidden * 2 * 3 (the routed SwiGLU GEMMs, fwd+bwd). "
                   f"Targets: layer rate / dense rate >= {EFFICIENCY_TARGET}; loop / grouped_mm time >= {LOOP_TARGET}.\n",
-                  markdown_table(("top_k", "hidden", "layer / dense rate", "target met", "grouped GEMMs alone / dense",
-                                  "loop / grouped_mm", "target met", "auto runs"), (
+                  markdown_table(("top_k", "hidden", "layer / dense rate", "target met", "layer / dense_fused rate",
+                                  "grouped GEMMs alone / dense_fused", "loop / grouped_mm", "target met", "auto runs"), (
                       (s["top_k"], s["hidden"], fmt(s["efficiency"], ".1%"), yes_no(s["meets_efficiency_target"]),
+                       fmt(s["efficiency_vs_fused_dense"], ".1%"),
                        fmt(s["grouped_gemm_efficiency"], ".1%"), fmt(s["loop_speedup"], ".1f"),
                        yes_no(s["meets_loop_target"]), s["auto_choice"]) for s in lay["summary"])),
                   "Raw times:\n",
@@ -299,15 +313,17 @@ def markdown(report: dict[str, Any]) -> str:
         pairs = report["training"]
         rows = [(pair[kind], pair) for pair in pairs for kind in ("moe", "dense")]
         parts += [f"## Training steps, MoE LM vs the dense LM of the same active parameters (target >= {TRAIN_TARGET})\n",
-                  markdown_table(("model", "overrides", "batch", "T", "params", "active params", "ms/step", "tokens/s",
-                                  "peak MB", "MoE / dense", "target met", "error"), (
-                      (r["model"], json.dumps(r["overrides"]), r["batch"], r["seq_len"], fmt(r["params"], ",d"),
+                  "A step is `accum` micro-batches of batch x T tokens, then one optimiser step (clip, fused AdamW).\n",
+                  markdown_table(("model", "overrides", "compiled", "batch", "T", "accum", "params", "active params",
+                                  "ms/step", "tokens/s", "peak MB", "MoE / dense", "target met", "error"), (
+                      (r["model"], json.dumps(r["overrides"]), yes_no(r["compile"]), r["batch"], r["seq_len"], r["accum"],
+                       fmt(r["params"], ",d"),
                        fmt(r["active_params"], ",d"), fmt(r["step_ms"], ".1f"), fmt(r["tokens_per_s"], ",.0f"),
                        fmt(r["peak_mb"], ",.0f"), fmt(pair["ratio"], ".3f"), yes_no(pair["meets_target"]), r["error"] or "")
                       for r, pair in rows)),
                   "What the MoE layers receive under the training autocast:\n",
                   *[f"- {pair['moe']['model']}: {'; '.join(pair['dispatch']['in_model'] or [pair['dispatch']['error']])}\n"
-                    for pair in pairs]]
+                    for pair in pairs if not pair["moe"]["compile"] and pair["moe"]["accum"] == 1]]
     return "\n".join(parts)
 
 
@@ -316,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check the script runs")
     parser.add_argument("--only", choices=("layer", "training"), help="run one section")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models in the training section")
+    parser.add_argument("--compile", action="store_true", help="also time both models torch.compile'd in the training section")
     parser.add_argument("--profile", action="store_true", help="also profile the grouped_mm layer (top kernels)")
     args = parser.parse_args(argv)
     p = PRESETS["smoke" if args.smoke else "gpu"]
@@ -335,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                 for e in prof["events"]:
                     say(f"profile top-{prof['top_k']}: {e['ms_per_iter']:8.3f} ms x{e['calls_per_iter']:.0f} {e['name']}")
     if args.only in (None, "training"):
-        report["training"] = training_pairs(p, args.compile)
+        report["training"] = [pair for compile in ((False, True) if args.compile else (False,))
+                              for pair in training_pairs(p, compile)]
     return write_report(report, args.out, "moe_gpu" if not args.only else f"moe_gpu_{args.only}", markdown)
 
 

@@ -73,14 +73,16 @@ def fmt_ratio(ratio: float | None) -> str:
 
 
 def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor], autocast: Callable,
-               device: torch.device) -> Callable[[dict], None]:
-    """One full optimisation step as our trainer takes it: loss under autocast, backward, clip 1.0, fused AdamW, zero_grad."""
+               device: torch.device) -> Callable[..., None]:
+    """``step(batch, accum=1)``: one full optimisation step as our trainer takes it: ``accum`` micro-batches'
+    losses under autocast, each backward scaled by 1 / accum, then clip 1.0, fused AdamW, zero_grad."""
     optimizer = build_optimizer(model, TrainConfig(), device)
 
-    def step(batch: dict) -> None:
-        with autocast():
-            loss = loss_fn(batch)
-        loss.backward()
+    def step(batch: dict, accum: int = 1) -> None:
+        for _ in range(accum):
+            with autocast():
+                loss = loss_fn(batch)
+            (loss / accum if accum > 1 else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -200,10 +200,10 @@ def scan_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def build_training(name: str, batch: int, p: dict[str, Any], compile: bool,
-                   overrides: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
+                   overrides: dict[str, Any]) -> tuple[dict[str, Any], Callable[..., None]]:
     """``create_model(name, **overrides)`` at ``train_seq_len`` with its optimiser, warmed up: its (active)
-    parameter counts and peak memory (above what was allocated before it was built), and one full training step
-    on a fixed batch."""
+    parameter counts and peak memory (above what was allocated before it was built), and ``run(accum=1)``: one
+    full training step (``accum`` micro-batches, then one optimiser step) on a fixed batch."""
     device, T = torch.device(p["device"]), p["train_seq_len"]
     autocast = (lambda: torch.autocast(device.type, dtype=p["autocast"])) if p["autocast"] else nullcontext
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -219,7 +219,8 @@ def build_training(name: str, batch: int, p: dict[str, Any], compile: bool,
     for _ in range(p["train_warmup"]):
         step(data)
     peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else None
-    return {"params": model.num_params(), "active_params": model.num_active_params(), "peak_mb": peak}, lambda: step(data)
+    return ({"params": model.num_params(), "active_params": model.num_active_params(), "peak_mb": peak},
+            lambda accum=1: step(data, accum))
 
 
 def training_row(name: str, batch: int, p: dict[str, Any], compile: bool, **overrides: Any) -> dict[str, Any]:

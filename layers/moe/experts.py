@@ -37,15 +37,11 @@ from torch import Tensor, nn
 from layers.moe import kernels
 from layers.moe.routing import Routing
 from layers.registry import Registry
+from layers.swiglu import swiglu
 
 GROUPED_MM: Callable | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_ALIGN = 16  # rows per padded group block: 16 bytes of any dtype down to fp8
-
-
-def _swiglu(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ class ExpertSpec:
 
 
 EXPERTS = Registry("moe expert")
-EXPERTS.register("swiglu", ExpertSpec(2, _swiglu))  # same gate/up split as layers.mlp.SwiGLU
+EXPERTS.register("swiglu", ExpertSpec(2, swiglu))  # same gate/up split as layers.mlp.SwiGLU
 EXPERTS.register("gelu", ExpertSpec(1, F.gelu))
 
 
@@ -184,24 +180,29 @@ def run_grouped(experts: StackedExperts, x: Tensor, routing: Routing) -> Tensor:
         raise ValueError(f"implementation='grouped_mm' cannot run here: {reason}. "
                          "Use implementation='auto' (falls back to the loop) or 'loop'.")
     num_tokens, num_experts, align = x.shape[0], experts.num_experts, GROUP_ALIGN
-    expert, kept = routing.expert, routing.kept
+    expert, kept, drops = routing.expert, routing.kept, routing.drops
     # Group e holds its kept assignments (rank order), padded to >= 1 whole block of `align` rows.
     padded = (routing.kept_counts + align - 1).div(align, rounding_mode="floor").clamp(min=1) * align
     group_end = padded.cumsum(0)
     # Static bound on the buffer (no host sync): sum(padded) <= A + E * align, plus one row for drops.
     rows = math.ceil((expert.numel() + num_experts * align + 1) / align) * align
-    offs = torch.cat([group_end[:-1], group_end.new_full((1,), rows)]).to(torch.int32)  # new_tensor would sync the host
+    # The last group runs to the end. (Neither a tensor built from a Python list nor an indexed assignment of the
+    # Python int: both copy from the host, which waits for the stream.)
+    offs = torch.cat([group_end[:-1], group_end.new_full((1,), rows)]).to(torch.int32)
+    position = (group_end - padded)[expert] + routing.rank
     # Dropped assignments read the last row, which only ever holds zeros: a bias-free MLP maps it to 0.
-    position = torch.where(kept, group_end[expert] - padded[expert] + routing.rank, rows - 1)
+    if drops:
+        position = torch.where(kept, position, rows - 1)
     source = torch.full((rows,), num_tokens, dtype=torch.long, device=x.device)
-    source = source.scatter(0, position, torch.where(kept, routing.token, num_tokens))
+    source = source.scatter(0, position, torch.where(kept, routing.token, num_tokens) if drops else routing.token)
     if routing.per_token is None:  # expert choice: a token has any number of assignments
         out = experts.grouped(F.pad(x, (0, 0, 0, 1))[source], offs)  # row num_tokens of the padded x is zero
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         return y.index_add_(0, routing.token, out[position].float() * routing.weight[:, None])
-    slots, keep = position.view(num_tokens, -1), kept.view(num_tokens, -1)  # token-major: [N, k]
+    slots = position.view(num_tokens, -1)  # token-major: [N, k]
+    weight = routing.weight.view(num_tokens, -1)
     out = experts.grouped(Dispatch.apply(x, source, slots), offs)
-    return Combine.apply(out, routing.weight.view(num_tokens, -1) * keep, slots)
+    return Combine.apply(out, weight * kept.view(num_tokens, -1) if drops else weight, slots)
 
 
 def run_auto(experts: StackedExperts, x: Tensor, routing: Routing) -> Tensor:

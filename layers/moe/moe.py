@@ -134,7 +134,7 @@ class MoE(nn.Module):
         kept = rank < capacity if drops else torch.ones_like(rank, dtype=torch.bool)
         kept_counts = counts.clamp(max=capacity) if drops else counts  # the ranks below capacity stay
         per_token = None if self.router_spec.expert_choice else (self.router_spec.top_k or self.top_k)
-        return Routing(token, expert, weight, rank, kept, logits, probs, counts, kept_counts, per_token)
+        return Routing(token, expert, weight, rank, kept, logits, probs, counts, kept_counts, per_token, drops)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         if x.shape[-1] != self.dim:
@@ -161,7 +161,7 @@ class MoE(nn.Module):
         router_z = self.z_loss_weight * z_loss(routing.logits) if self.z_loss_weight else zero
         if self.training and self.expert_bias is not None:
             update_bias(self.expert_bias, counts, self.bias_update_rate)
-        dropped = 1 - routing.kept.float().mean()
+        dropped = 1 - routing.kept.float().mean() if routing.drops else zero
         return MoEAux(balance + router_z, balance, router_z, load.detach(), dropped.detach())
 
     @property

@@ -24,12 +24,13 @@ class Routing:
     expert: Tensor  # expert index of each assignment
     weight: Tensor  # fp32 combine weight
     rank: Tensor    # position among its expert's assignments, in assignment order
-    kept: Tensor    # bool: False where dropped for exceeding the expert's capacity
+    kept: Tensor    # bool: False where dropped for exceeding the expert's capacity (all True unless ``drops``)
     logits: Tensor  # fp32 router logits (for the z-loss)
     probs: Tensor   # router probabilities, rows summing to 1 (for the balance loss)
     counts: Tensor  # [E] assignments per expert, before drops
     kept_counts: Tensor  # [E] assignments per expert, after drops
     per_token: int | None  # token-choice routers: assignments per token (token-major list); expert choice: None
+    drops: bool  # whether capacity may drop assignments (token choice with a capacity); False: ``kept`` is all True
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def test_moe_layer_never_waits_for_the_gpu(capacity_factor):
     MoE LM's training step host-bound: a copy of the buffer's row count to the GPU waited for the stream)."""
     moe = MoE(256, 512, 16, top_k=2, implementation="grouped_mm", capacity_factor=capacity_factor).cuda().to(torch.bfloat16)
     x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out, aux = moe(x)  # first call: grouped_mm's one-off support probe may sync
+    out, aux = moe(x)  # first call: grouped_mm's one-off support probe and the kernels' first launches may sync
+    (out.float().square().mean() + aux.loss).backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -74,7 +74,8 @@ def test_moe_layer_rows_and_summary(moe):
         assert r["error"] is None and r["fwd_bwd_ms"] > 0 and r["tflops"] > 0
         assert r["expert_flops"] == r["tokens"] * r["top_k"] * 3 * r["dim"] * r["hidden"] * 2 * 3
     for s in layer["summary"]:
-        assert s["efficiency"] > 0 and s["grouped_gemm_efficiency"] > 0 and s["loop_speedup"] > 0
+        assert s["efficiency"] > 0 and s["efficiency_vs_fused_dense"] > 0 and s["grouped_gemm_efficiency"] > 0
+        assert s["loop_speedup"] > 0
         assert s["auto_choice"] == "grouped_mm" or s["auto_choice"].startswith("loop (")
     assert report["device_name"] == "cpu" and "Card: **cpu**" in md and "## MoE layer" in md
     profiles = layer["profiles"]
@@ -87,10 +88,12 @@ def test_moe_layer_rows_and_summary(moe):
 
 def test_moe_training_matches_active_params(moe):
     script, report, md = moe
-    (pair,) = report["training"]
+    assert [pair["moe"]["accum"] for pair in report["training"]] == [1, 2]  # micro-batches per optimiser step
+    pair = report["training"][0]
     moe_row, dense_row = pair["moe"], pair["dense"]
     assert (moe_row["model"], dense_row["model"]) == ("lm-tiny-moe", "lm-tiny")
     assert moe_row["error"] is None and dense_row["error"] is None and pair["ratio"] > 0
+    assert moe_row["compile"] is dense_row["compile"] is False  # --compile adds the compiled pair
     assert moe_row["active_params"] == pair["moe_active_params"] < moe_row["params"]
     hidden = pair["dense_mlp_hidden"]
     assert dense_row["overrides"] == {"mlp_hidden": hidden} and hidden % script.HIDDEN_MULTIPLE == 0
