@@ -10,8 +10,10 @@ inputs: 4x64x64 latents and 77x768 text states for the text-conditioned U-Nets.
     <= 0.60x (SD1.5-config measured 30.0 ms on an H200, eager).
 (b) ``sampling``: seconds per batch of 50-step DDIM sampling with unet-sd15 (Stable Diffusion's scheduler
     settings, classifier-free guidance 7.5: every step runs the U-Net on the text and the empty-prompt
-    states, 2 x 8 samples), plain, with DeepCache (``zoo.acceleration.deepcache``, interval 3, branch 0:
-    every third step runs the whole U-Net) and with ToMe-SD (``zoo.acceleration.tome_sd``, ratio 0.5 at
+    states, 2 x 8 samples), plain, with DeepCache (``zoo.acceleration.deepcache``, interval 3, branch 0 as
+    DeepCache's default: every third step runs the whole U-Net, the others conv_in, the last up pair and conv_out
+    on the cached features; also interval 5, and branch 1, which adds the first down pair and the up pair taking
+    its output) and with ToMe-SD (``zoo.acceleration.tome_sd``, ratio 0.5 at
     the 64x64 attention level). ``speedup`` = plain's time over the row's (same run). Targets: DeepCache
     >= 2x; ToMe-SD >= 1.2x.
 
@@ -36,7 +38,7 @@ import torch
 from bench_ssm_gpu import fmt, guarded, ratio, say, yes_no
 from bench_vit_gpu import target_text
 from zoo.acceleration import deepcache, remove, tome_sd
-from zoo.bench import markdown_table, median_ms, write_report
+from zoo.bench import interleaved_median_ms, markdown_table, median_ms, write_report
 from zoo.models.diffusion import DiffusionBackbone
 from zoo.registry import create_model
 
@@ -63,6 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # defaults: branch 0, self-attention merged at the 64x64 level only); the other rows show what the options give
 ACCELERATIONS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "deepcache": (deepcache, dict(interval=3)), "deepcache_i5": (deepcache, dict(interval=5)),
+    "deepcache_b1": (deepcache, dict(interval=3, branch=1)),
     "tome_sd": (tome_sd, dict(ratio=0.5)),
     "tome_sd_all": (tome_sd, dict(ratio=0.5, merge_crossattn=True, merge_mlp=True)),
     "tome_sd_all_md2": (tome_sd, dict(ratio=0.5, max_downsample=2, merge_crossattn=True, merge_mlp=True))}
@@ -83,8 +86,8 @@ def random_cond(model: DiffusionBackbone, batch: int, p: dict[str, Any]) -> torc
 # --- (a) one denoising step ---------------------------------------------------------------------------------
 
 
-def step_time(name: str, overrides: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
-    """Median ms of one inference forward at timestep 500."""
+def step_call(name: str, overrides: dict[str, Any], p: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
+    """The model's counts and one inference forward at timestep 500 on a fixed batch."""
     model = build(name, overrides, p)
     x = torch.randn(p["batch"], *model.sample_shape, device=p["device"], dtype=p["dtype"])
     cond = random_cond(model, p["batch"], p)
@@ -93,17 +96,27 @@ def step_time(name: str, overrides: dict[str, Any], p: dict[str, Any]) -> dict[s
         with torch.inference_mode():
             model(x, 500, cond)
 
-    return {"params": model.num_params(), "latent": list(model.sample_shape),
-            "ms": median_ms(run, torch.device(p["device"]), *p["step_timing"], before=lambda: None)}
+    return {"params": model.num_params(), "latent": list(model.sample_shape)}, run
 
 
 def step_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
-    device, rows = torch.device(p["device"]), []
+    """Every model resident, their steps timed in turns (:func:`zoo.bench.interleaved_median_ms`): timed one after
+    the other on a freshly started H200, the first model's step read 42.5 ms where it had read 28.5 ms."""
+    device, rows, runs = torch.device(p["device"]), [], {}
     for name, overrides in p["step_models"].items():
         row = {"section": "step", "model": name, "overrides": overrides, "batch": p["batch"], "params": None,
                "latent": None, "ms": None, "error": None}
-        rows.append(guarded(row, device, lambda: step_time(name, overrides, p)))
-        say(f"step {name:<14} " + (f"{row['ms']:9.2f} ms  latent {row['latent']}" if row["error"] is None else row["error"]))
+
+        def measure(name=name, overrides=overrides):
+            counts, runs[name] = step_call(name, overrides, p)
+            return counts
+
+        rows.append(guarded(row, device, measure))
+    times = interleaved_median_ms(runs, device, *p["step_timing"], before=lambda: None) if runs else {}
+    for row in rows:
+        row["ms"] = times.get(row["model"])
+        say(f"step {row['model']:<14} " + (f"{row['ms']:9.2f} ms  latent {row['latent']}" if row["error"] is None
+                                           else row["error"]))
     sd15 = next(r for r in rows if r["model"] == "unet-sd15")
     for row in rows:
         same_latent = row["latent"] is not None and row["latent"] == sd15["latent"]

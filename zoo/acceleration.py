@@ -114,18 +114,21 @@ def unet_forward(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any,
                  cached: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' U-Net forward split at skip branch ``branch``: returns (prediction, cached features).
 
-    Branch ``b`` is the ``b``-th resnet(+attention) pair of the down path (stage ``b // layers_per_block``,
-    pair ``b % layers_per_block``), as DeepCache's ``cache_branch_id``. The features are the input of the up
-    pair that takes that pair's skip state. Without ``cached`` the whole network runs. With it, only the down
-    pairs up to the branch run (for their skip states), then the up path from that up pair on, from ``cached``.
+    Branch ``b`` is the ``b``-th skip state of the down path, shallowest first, as DeepCache's
+    ``cache_branch_id``: stage ``b // (pairs + 1)``, where ``pairs`` is the resnet(+attention) pairs per down
+    stage; within the stage, ``b % (pairs + 1) == 0`` is the state entering it (conv_in's output for stage 0, the
+    previous stage's downsampled output after) and ``j >= 1`` the output of its ``j``-th pair. The features are
+    the input of the up pair that takes that skip state. Without ``cached`` the whole network runs. With it, only
+    the down path up to the branch runs (for its skip states), then the up path from that up pair on, from
+    ``cached``: branch 0 runs conv_in, the last up pair and conv_out.
     """
     from diffusers import UNet2DConditionModel
 
     text = cond if isinstance(unet, UNet2DConditionModel) else None
-    pairs_per_stage = len(unet.down_blocks[0].resnets)
-    stage, pair = divmod(branch, pairs_per_stage)
+    pairs = len(unet.down_blocks[0].resnets)
+    stage, done = divmod(branch, pairs + 1)  # `done`: the stage's pairs that produce skips up to the branch
     up_stage = len(unet.up_blocks) - 1 - stage
-    entry = pairs_per_stage - 1 - pair  # the up pair that takes the branch's skip state
+    entry = pairs - done  # the up pair that takes the branch's skip state
     emb = _embedding(unet, sample, timesteps, cond)
     x = unet.conv_in(sample)
     skips = [x]
@@ -147,10 +150,11 @@ def unet_forward(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any,
     else:
         for block in unet.down_blocks[:stage]:
             down(block)
-        with _pairs(unet.down_blocks[stage], 0, pair + 1, resample=False) as block:
-            down(block)
+        if done:
+            with _pairs(unet.down_blocks[stage], 0, done, resample=False) as block:
+                down(block)
         x = features = cached
-    with _pairs(unet.up_blocks[up_stage], entry, pairs_per_stage + 1, resample=True) as block:
+    with _pairs(unet.up_blocks[up_stage], entry, pairs + 1, resample=True) as block:
         x = _up(block, x, skips, emb, text)
     for block in unet.up_blocks[up_stage + 1:]:
         x = _up(block, x, skips, emb, text)
@@ -166,10 +170,13 @@ class DeepCache(Acceleration):
         super().__init__(model)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got interval={interval!r}")
-        branches = sum(len(block.resnets) for block in model.unet.down_blocks)
+        pairs = [len(block.resnets) for block in model.unet.down_blocks]
+        if len(set(pairs)) != 1:
+            raise ValueError(f"deepcache needs the same number of resnets in every down block, got {pairs}")
+        branches = len(pairs) * (pairs[0] + 1)
         if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < branches:
-            raise ValueError(f"branch must be an int in [0, {branches - 1}] (one per resnet pair of the down path), "
-                             f"got branch={branch!r}")
+            raise ValueError(f"branch must be an int in [0, {branches - 1}] (one per skip state of the down path: each "
+                             f"stage's input and its {pairs[0]} resnet pairs' outputs), got branch={branch!r}")
         if any(hasattr(b, "skip_conv") for b in (*model.unet.down_blocks, *model.unet.up_blocks)):
             raise ValueError("deepcache does not support diffusers' skip blocks (AttnSkipDownBlock2D, ...)")
         self.interval, self.branch = interval, branch
@@ -203,9 +210,11 @@ class DeepCache(Acceleration):
 
 def deepcache(model: DiffusionUNet, interval: int = 3, branch: int = 0) -> DeepCache:
     """Apply DeepCache: model call ``k`` runs the full U-Net when ``k % interval == 0`` (caching the input of the
-    up pair that takes skip branch ``branch``), otherwise only the down pairs up to that branch and the up path
-    from it, on the cached features. Branch 0 (DeepCache's default) is the shallowest: the first resnet(+attention)
-    pair of the first stage; branch ``b`` is pair ``b % layers_per_block`` of stage ``b // layers_per_block``.
+    up pair that takes skip branch ``branch``), otherwise only the down path up to that branch and the up path
+    from it, on the cached features. Branches number the down path's skip states, shallowest first, as
+    DeepCache's ``cache_branch_id`` (see :func:`unet_forward`): branch 0 (DeepCache's default) is conv_in's
+    output, so a cached step runs conv_in, the last up pair and conv_out; on SD's U-Net (2 pairs a stage) branch
+    ``b`` is pair ``b % 3 - 1`` of stage ``b // 3``, or the stage's input where ``b % 3 == 0``.
     The call count restarts when the timestep rises (a new sampling run) or the batch size changes.
     ``interval=1`` reproduces the model exactly. Use as ``with deepcache(model, 3): sample(model, ...)``."""
     return DeepCache(model, interval, branch)

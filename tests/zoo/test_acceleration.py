@@ -84,9 +84,9 @@ def test_deepcache_sampling(pixel_unet):
             previous_full = out
         else:
             error = relative_error(out, ref)
-            # observed 0.22-0.60 on this random-initialised model; reusing the last full step's prediction as
-            # is (no shallow recomputation) is worse (observed 0.46-1.12)
-            assert 0 < error < 0.75
+            # observed 0.31-0.82 on this random-initialised model (0.17-0.48 at the deeper branch 2); reusing the
+            # last full step's prediction as is (no shallow recomputation) is worse (observed 0.43-1.11)
+            assert 0 < error < 0.95
             assert error < relative_error(previous_full, ref)
     images = sample(model, 2, 6, generator=torch.Generator().manual_seed(0))
     # the trajectories part after step 1 (observed mean |difference| 0.22 in [0, 1]: random weights amplify it)
@@ -112,9 +112,9 @@ def test_deepcache_text_unet_counts_and_restarts(text_unet):
 
 @torch.no_grad()
 def test_every_branch_runs_only_its_pairs_and_is_exact_on_its_own_features():
-    """Two pairs per stage (as SD's U-Net): on a cached step with the same input and timestep as the full step, the
-    output is exactly the full one, and branch b runs the down pairs 0..b and the up pairs that take their skips
-    (one more per stage: the stage input's)."""
+    """Two pairs per stage (as SD's U-Net), so three skip states a stage (its input, then each pair's output): on a
+    cached step with the same input and timestep as the full step, the output is exactly the full one, and branch
+    b runs the down pairs before its skip state and the up pairs that take the skip states up to it."""
     torch.manual_seed(0)
     model = zoo.create_model("unet-sd15", **dict(TINY_SD, layers_per_block=2)).eval()
     x, cond = inputs(model)
@@ -122,29 +122,51 @@ def test_every_branch_runs_only_its_pairs_and_is_exact_on_its_own_features():
     ran = []
     hooks = [r.register_forward_hook(lambda module, *_: ran.append(module)) for r in resnets]
     try:
-        for branch in range(4):
-            stage, pair = divmod(branch, 2)
+        for branch in range(6):
+            stage, done = divmod(branch, 3)
             with deepcache(model, interval=2, branch=branch):
                 full = model(x, 500, cond)
                 ran.clear()
                 cached = model(x, 500, cond)
             assert torch.equal(cached, full)
             downs = sum(r in ran for r in resnets[:4])
-            assert (downs, len(ran) - downs) == (branch + 1, (pair + 2) + 3 * stage)
+            assert (downs, len(ran) - downs) == (2 * stage + done, (done + 1) + 3 * stage)
     finally:
         for hook in hooks:
             hook.remove()
-    with pytest.raises(ValueError, match=r"branch must be an int in \[0, 3\]"):
-        deepcache(model, branch=4)
+    with pytest.raises(ValueError, match=r"branch must be an int in \[0, 5\]"):
+        deepcache(model, branch=6)
     assert all(len(block.resnets) == 2 for block in model.unet.down_blocks)  # the narrowing was undone
+
+
+@torch.no_grad()
+def test_branch_0_is_deepcaches_default_conv_in_skip():
+    """DeepCache's cache_branch_id 0: a cached step runs conv_in, the last up pair (taking conv_in's output) and
+    conv_out, and no down block at all."""
+    torch.manual_seed(0)
+    model = zoo.create_model("unet-sd15", **dict(TINY_SD, layers_per_block=2)).eval()
+    x, cond = inputs(model)
+    blocks = [*model.unet.down_blocks, *model.unet.up_blocks[:-1], *model.unet.up_blocks[-1].resnets[:-1]]
+    last_pair = model.unet.up_blocks[-1].resnets[-1]
+    ran = []
+    hooks = [m.register_forward_hook(lambda module, *_: ran.append(module)) for m in (*blocks, last_pair)]
+    try:
+        with deepcache(model, interval=2, branch=0):
+            model(x, 500, cond)
+            ran.clear()
+            model(x, 300, cond)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == [last_pair]
 
 
 def test_deepcache_errors(pixel_unet):
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="interval"):
             deepcache(pixel_unet, interval=bad)
-    with pytest.raises(ValueError, match="branch"):
-        deepcache(pixel_unet, branch=3)
+    with pytest.raises(ValueError, match=r"branch must be an int in \[0, 5\]"):  # 3 stages of 1 pair: 6 skip states
+        deepcache(pixel_unet, branch=6)
     with deepcache(pixel_unet):
         with pytest.raises(ValueError, match="already applied"):
             deepcache(pixel_unet)
