@@ -31,8 +31,9 @@ decays cannot overflow: for a scalar gate the ``[C, C]`` decay matrix is built d
 to -inf above the diagonal before ``exp``); for a per-dimension gate the causal intra-chunk term
 is split by bisection: at each level, the right half of every block attends to its left half
 through one matmul ``(q_i exp(b_i - r)) (k_j exp(r - b_j))^T`` with ``r`` the cumulative log
-decay at the end of the left half, so both factors are ``<= 1``; the diagonal is ``q_i . k_i``.
-(This is the secondary chunking of fla's kernels, taken down to single tokens.) Matmuls run in
+decay at the end of the left half, so both factors are ``<= 1``. (This is the secondary chunking
+of fla's kernels.) Blocks of 8 tokens form their ``[8, 8, Dk]`` decays ``exp(b_i - b_j)`` directly,
+masked to -inf above the diagonal before ``exp``. Matmuls run in
 the input dtype; cumulative decays, the state and its accumulation in ``state_dtype``.
 """
 from __future__ import annotations
@@ -142,24 +143,36 @@ def recurrent_step(q, k, v, log_g=None, initial_state=None, scale=None, state_dt
 # --- the chunked parallel form -------------------------------------------------------------------
 
 
+LEAF = 8  # bisection stops at blocks of this many tokens, whose decays are formed explicitly
+
+
 def _intra_vector(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Causal intra-chunk term with a per-dimension decay, by bisection (see the module docstring).
 
     q, k [B, H, N, C, Dk] (q scaled); v [B, H, N, C, Dv]; b [B', H', N, C, Dk] float32 inclusive
     cumulative log decays. Returns float32 [B, H, N, C, Dv].
+
+    Below ``LEAF`` tokens the halves' matmuls are a few rows wide (cuBLAS ran them as gemv: a third of the
+    compiled fwd+bwd of GLA at T = 16k on an H200); there the decays ``exp(b_i - b_j)`` of each [LEAF, LEAF, Dk]
+    block are formed directly (1.47x faster compiled).
     """
     C, dtype = q.shape[-2], q.dtype
-    # the diagonal: exp(b_i - b_i) = 1
-    o = (q.float() * k.float()).sum(-1, keepdim=True) * v.float()
+    leaf = min(LEAF, C)
+    blocks = lambda t: t.reshape(*t.shape[:-2], C // leaf, leaf, t.shape[-1])
+    qb, kb, bb = blocks(q).float(), blocks(k).float(), blocks(b)
+    causal = torch.ones(leaf, leaf, dtype=torch.bool, device=q.device).tril()[:, :, None]
+    decay = (bb[..., :, None, :] - bb[..., None, :, :]).masked_fill(~causal, float("-inf")).exp()  # [..., i, j, Dk]
+    scores = (qb[..., :, None, :] * kb[..., None, :, :] * decay).sum(-1)  # [..., leaf, leaf]
+    o = (scores.to(dtype) @ blocks(v)).float().reshape(*q.shape[:-1], v.shape[-1])
     s = C // 2
-    while s >= 1:
+    while s >= leaf:
         n = C // (2 * s)
         blk = lambda t: t.reshape(*t.shape[:-2], n, 2, s, t.shape[-1])  # [..., n, 2, s, D]
-        qb, kb, vb, bb = blk(q), blk(k), blk(v), blk(b)
-        ref = bb[..., 0, s - 1 : s, :]  # cumulative decay at the end of each left half [..., n, 1, D]
-        q_r = (qb[..., 1, :, :] * (bb[..., 1, :, :] - ref).exp()).to(dtype)  # factors <= 1
-        k_l = (kb[..., 0, :, :] * (ref - bb[..., 0, :, :]).exp()).to(dtype)
-        o_r = (q_r @ k_l.transpose(-1, -2)) @ vb[..., 0, :, :]  # [..., n, s, Dv]
+        qh, kh, vh, bh = blk(q), blk(k), blk(v), blk(b)
+        ref = bh[..., 0, s - 1 : s, :]  # cumulative decay at the end of each left half [..., n, 1, D]
+        q_r = (qh[..., 1, :, :] * (bh[..., 1, :, :] - ref).exp()).to(dtype)  # factors <= 1
+        k_l = (kh[..., 0, :, :] * (ref - bh[..., 0, :, :]).exp()).to(dtype)
+        o_r = (q_r @ k_l.transpose(-1, -2)) @ vh[..., 0, :, :]  # [..., n, s, Dv]
         o_pairs = torch.stack([torch.zeros_like(o_r), o_r], dim=-3)  # left halves get nothing at this level
         o = o + o_pairs.reshape(o.shape).float()
         s //= 2
