@@ -172,6 +172,10 @@ def test_deepcache_errors(pixel_unet):
             deepcache(pixel_unet)
     with pytest.raises(ValueError, match="DiffusionUNet"):
         deepcache(zoo.create_model("dit-s2", depth=1, dim=32, num_heads=2, input_size=8))
+    uneven = zoo.create_model("unet-tiny", layers_per_block=2)
+    uneven.unet.down_blocks[1].resnets = uneven.unet.down_blocks[1].resnets[:1]  # skip states no longer 3 a stage
+    with pytest.raises(ValueError, match=r"same number of resnets in every down block, got \[2, 1, 2\]"):
+        deepcache(uneven)
 
 
 # --- ToMe-SD ------------------------------------------------------------------------------------------------
