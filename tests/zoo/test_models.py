@@ -20,7 +20,7 @@ import zoo
 from layers.mixer import MIXERS, Mixer, register_mixer
 from zoo.convert import from_timm
 from zoo.models.lm import LM, LMConfig
-from zoo.models.vit import ViT, ViTConfig
+from zoo.models.vit import ViT
 from zoo.registry import FAMILIES
 
 TOL = 1e-5

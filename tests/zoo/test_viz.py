@@ -1,6 +1,5 @@
 """zoo.viz.merged_tokens: ToMe's token groups drawn over the image."""
 import pytest
-import torch
 
 import zoo.models  # noqa: F401  (registers the ViTs)
 from zoo.data import create_dataset
