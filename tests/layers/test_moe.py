@@ -172,6 +172,19 @@ def test_capacity_drops_known_tokens_and_shared_still_applies():
         assert (y[[0, 1, 2, 3, 5]] - shared[[0, 1, 2, 3, 5]]).abs().min() > 0
 
 
+@pytest.mark.parametrize("router, capacity_factor, drops", [("softmax_topk", None, False), ("softmax_topk", 1.0, True),
+                                                             ("switch", None, True), ("expert_choice", None, False)])
+def test_only_capacity_limited_token_choice_drops(router, capacity_factor, drops):
+    """``Routing.drops`` (which lets the grouped path skip the drop masks) holds exactly for token choice with a
+    capacity (switch's default 1.25 included); otherwise every assignment is kept and nothing is reported dropped."""
+    moe = make(router, capacity_factor=capacity_factor)
+    x = torch.randn(TOKENS, DIM) + torch.randn(DIM)  # skewed, so a capacity would bite
+    routing = moe.route(x)
+    assert routing.drops is drops
+    if not drops:
+        assert routing.kept.all() and moe(x)[1].dropped_fraction == 0
+
+
 def test_capacity_keeps_first_assignments_in_token_order():
     moe = make(top_k=2, capacity_factor=0.6)
     r = moe.route(torch.randn(TOKENS, DIM))
