@@ -7,7 +7,7 @@ and the output's gradient, write ``h``'s gradient in place of the concatenation)
 saving only ``h``. :func:`naive_swiglu` is the reference; it also runs on CPU, without Triton, and under
 ``torch.compile`` (whose generated kernel fuses it the same way).
 
-Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors, for tests.
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, for tests (:mod:`layers.triton_support`).
 """
 from __future__ import annotations
 
@@ -15,13 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships with torch's CUDA wheels; without it the reference runs
-    triton = None
+from layers.triton_support import kernels_take, tl, triton
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_ROWS, BLOCK_COLS = 8, 512
 
 
@@ -33,7 +28,7 @@ def naive_swiglu(h: Tensor) -> Tensor:
 
 def supports(h: Tensor) -> bool:
     """Whether :func:`swiglu` runs the kernels on ``h``: Triton present, a CUDA tensor, a float dtype."""
-    return triton is not None and h.is_cuda and h.dtype in DTYPES
+    return kernels_take(h)
 
 
 if triton is not None:

@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships with torch's CUDA wheels; without it the torch path runs
-    triton = None
+from layers.triton_support import kernels_take, tl, triton
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_ROWS = 16
 
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernels take ``x`` (the tokens or the expert buffer): CUDA, Triton present, a float32 /
     bfloat16 / float16 dtype."""
-    return triton is not None and x.is_cuda and x.dtype in DTYPES
+    return kernels_take(x)
 
 
 if triton is not None:

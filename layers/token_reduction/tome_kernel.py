@@ -27,15 +27,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships with torch's CUDA wheels; without it the torch path runs
-    triton = None
+from layers.triton_support import KERNEL_DTYPES, kernels_take, tl, triton
 
 # the matching holds [N/2, D] tiles in one program: beyond this the torch path is used
 MAX_TOKENS = 512
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports(x: torch.Tensor, r: int, update: torch.Tensor | None = None) -> bool:
@@ -43,7 +38,7 @@ def supports(x: torch.Tensor, r: int, update: torch.Tensor | None = None) -> boo
     N <= MAX_TOKENS, a float32 / bfloat16 / float16 dtype, and no gradient to carry (the kernels have no backward;
     training takes the torch path)."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (update is not None and update.requires_grad))
-    return triton is not None and x.is_cuda and 0 < r and 2 < x.shape[1] <= MAX_TOKENS and x.dtype in DTYPES and not needs_grad
+    return kernels_take(x) and 0 < r and 2 < x.shape[1] <= MAX_TOKENS and not needs_grad
 
 
 def fuses_norm(x: torch.Tensor, norm: nn.Module) -> bool:
@@ -212,7 +207,7 @@ def merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: i
         raise ValueError(f"r must be in [1, (N - protected) // 2 = {(n - protected) // 2}], got {r}")
     if size is not None and size.shape != (batch, n, 1):
         raise ValueError(f"size must be [B, N, 1] = {[batch, n, 1]}, got {list(size.shape)}")
-    if x.dtype not in DTYPES or metric.dtype not in DTYPES:
+    if x.dtype not in KERNEL_DTYPES or metric.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x and metric must be float32, bfloat16 or float16, got {x.dtype} and {metric.dtype}")
     if update is not None and update.shape != x.shape:
         raise ValueError(f"update must have x's shape {list(x.shape)}, got {list(update.shape)}")
