@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from layers.mixer import MIXERS
 from layers.registry import Registry
@@ -176,10 +176,12 @@ class ListopsGrid(Strict):
     min_length: PositiveInt
     max_length: PositiveInt
     train_examples: PositiveInt
+    val_examples: PositiveInt  # evaluated at the end of training (the test split is evaluated after it)
     test_examples: PositiveInt
     steps: PositiveInt
     batch_size: PositiveInt
     lrs: list[PositiveFloat]
+    num_workers: NonNegativeInt = 0  # data-loading processes per run: long expressions are generated on the fly
 
 
 class ListopsSweep(Sweep):
@@ -441,7 +443,8 @@ def listops_overrides(run: dict[str, Any], sweep: ListopsSweep) -> list[str]:
     return [
         f"model.name={run['model']}", f"model.mixer={run['mixer']}", f"model.max_seq_len={run['max_length'] + 1}",
         f"data.min_length={run['min_length']}", f"data.max_length={run['max_length']}",
-        f"data.num_examples={run['train_examples']}", f"train.steps={run['steps']}", f"train.batch_size={run['batch_size']}",
+        f"data.num_examples={{train: {run['train_examples']}, val: {run['val_examples']}}}",
+        f"train.num_workers={run['num_workers']}", f"train.steps={run['steps']}", f"train.batch_size={run['batch_size']}",
         f"train.lr={run['lr']}", f"train.warmup_steps={run['steps'] // 10}", f"train.eval_every={run['steps']}", *sweep.overrides,
     ]
 

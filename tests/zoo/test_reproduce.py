@@ -180,13 +180,14 @@ def test_listops_configs_build(quick):
         with torch.device("meta"):
             model = zoo.create_model(config.model.name, **config.model.kwargs())
         assert model.config.max_seq_len == run.params["max_length"] + 1
+        assert config.data.kwargs()["num_examples"] == {"train": run.params["train_examples"], "val": run.params["val_examples"]}
         assert {b.mixer.mixer_name for b in model.blocks} == {run.params["mixer"]}
         assert run.test[0] == "split=test"
 
 
 def test_listops_reports_each_mixer_beside_lra(monkeypatch, tmp_path):
     sweep = yaml.safe_load((reproduce.SWEEPS / "listops.yaml").read_text())
-    sweep["quick"].update(train_examples=16, test_examples=8, min_length=10, max_length=30)
+    sweep["quick"].update(train_examples=16, val_examples=8, test_examples=8, min_length=10, max_length=30)
     monkeypatch.setattr(reproduce, "SWEEPS", write_sweep(tmp_path, "listops", yaml.safe_dump(sweep)))
     result = reproduce.reproduce("listops", quick=True, out_dir=tmp_path / "out", steps=2)
     assert [r["mixer"] for r in result["runs"]] == ["attention", "linear"] and not result["failed"]
