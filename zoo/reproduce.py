@@ -483,6 +483,7 @@ class MoeGrid(Strict):
     steps: PositiveInt
     batch_size: PositiveInt
     lrs: list[PositiveFloat]
+    max_bytes: PositiveInt | None  # pytext bytes read per split; None: the whole corpus, so no run repeats an epoch
     mixers: list[str] | None = None  # unused: every model of the table runs
 
 
@@ -511,7 +512,8 @@ def moe_vs_dense_runs(quick: bool, options: SweepOptions | None = None) -> list[
     runs = []
     for (label, model), lr in product(sweep.models.items(), grid.lrs):
         params = dict(model=label, size=grid.size, seq_len=grid.seq_len, steps=grid.steps, batch_size=grid.batch_size, lr=lr)
-        overrides = [f"model.name=lm-{grid.size}", f"model.max_seq_len={grid.seq_len}", f"data.seq_len={grid.seq_len}", *(f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in model.items()),
+        overrides = [f"model.name=lm-{grid.size}", f"model.max_seq_len={grid.seq_len}", f"data.seq_len={grid.seq_len}",
+                     f"data.max_bytes={'null' if grid.max_bytes is None else grid.max_bytes}", *(f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in model.items()),
                      f"train.steps={grid.steps}", f"train.batch_size={grid.batch_size}", f"train.lr={lr}",
                      f"train.warmup_steps={grid.steps // 10}", f"train.eval_every={grid.steps}", *sweep.overrides]
         runs.append(Run(params, sweep.base_path, overrides))

@@ -229,3 +229,18 @@ def test_moe_vs_dense_runs_the_dense_and_moe_models_at_equal_active_params(tmp_p
     assert (tmp_path / "moe-vs-dense.md").read_text().count("\n| ") == 1 + 3  # the header and a row per model
     with pytest.raises(ValueError, match="--mixers does not apply"):
         moe_vs_dense_runs(quick=True, options=SweepOptions(mixers=["gla"]))
+
+
+def test_the_full_moe_vs_dense_run_sees_each_training_byte_at_most_once():
+    """Repeated epochs let the 2.7x larger MoEs overfit the corpus (their validation loss then ends above the
+    dense LM's while their training loss is lower): the full run reads the whole training split and stays
+    under one epoch of it."""
+    from zoo.data.text import pytext
+    from zoo.reproduce import moe_vs_dense_runs
+
+    for run in moe_vs_dense_runs(quick=False):
+        config = load_config(run.base, run.overrides)
+        data = config.data.kwargs()
+        assert data["max_bytes"] is None
+        consumed = config.train.steps * config.train.batch_size * data["seq_len"]
+        assert consumed < len(pytext("train", seq_len=data["seq_len"]).data)
