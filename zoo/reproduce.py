@@ -301,7 +301,9 @@ def finished_runs(path: Path) -> dict[str, dict[str, Any]]:
 
 def run_sweep(runs: list[Run], out_dir: Path, options: SweepOptions) -> list[dict[str, Any]]:
     """Execute ``runs`` and return their records in order. Each record is appended to results.jsonl as its
-    run ends; with ``options.resume`` the runs already finished there are not run again."""
+    run ends. With ``options.resume`` the runs already finished there are not run again, and the records of
+    runs finished there by earlier invocations follow (a sweep split over several calls, e.g. by ``--mixers``,
+    reports all of it)."""
     if not options.resume:
         shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +339,8 @@ def run_sweep(runs: list[Run], out_dir: Path, options: SweepOptions) -> list[dic
             warnings.warn(f"interrupted: {len(records)} of {len(runs)} runs finished; the report covers those")
         finally:  # start no further runs
             pool.shutdown(cancel_futures=True)
-    return [records[run.name] for run in runs if run.name in records]
+    names = [run.name for run in runs]
+    return [records[name] for name in names if name in records] + [r for name, r in records.items() if name not in names]
 
 
 def failures_markdown(records: list[dict[str, Any]]) -> str:
