@@ -11,9 +11,12 @@
                       experts also run: the rate against a dense MLP that gains what the experts gained;
     ``grouped_gemm``  the experts' grouped GEMMs alone on a pre-sorted, evenly split buffer;
     ``grouped_mm``    the whole layer (routing, permutation, GEMMs, combine) with ``implementation="grouped_mm"``;
-    ``loop``          the whole layer with the per-expert ``implementation="loop"``.
-    Targets: the layer's expert TFLOP/s >= 80% of ``dense``'s; loop / grouped_mm time >= 5. The rate over
-    ``dense_fused`` and ``auto``'s choice for these inputs are reported beside them.
+    ``loop``          the whole layer with the per-expert ``implementation="loop"``;
+    ``dense_compiled``, ``grouped_mm_compiled``: ``dense`` and ``grouped_mm`` under torch.compile (inductor
+                      fuses the dense activation into one pointwise kernel beside the GEMMs, and the layer's
+                      routing ops): the same comparison once both sides are compiled.
+    Targets: the layer's expert TFLOP/s >= 80% of ``dense``'s; loop / grouped_mm time >= 5. The rates over
+    ``dense_fused`` and compiled over compiled, and ``auto``'s choice for these inputs, are reported beside them.
 (b) Training steps (bf16 autocast, fused AdamW, grad clip: bench_spine_gpu's ``train_step``) of lm-350m-moe
     against lm-350m with ``mlp_hidden`` chosen so both have the same active parameters (B = 8, T = 1024), both
     models resident and their steps timed in turns, eager (and with ``--compile`` also both torch.compile'd); one
@@ -52,11 +55,13 @@ HIDDEN_MULTIPLE = 64  # the matched dense mlp_hidden is a multiple of this
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(device="cuda", dtype=torch.bfloat16, tokens=65536, dim=1024, num_experts=64,
                 settings=({"top_k": 2, "hidden": 1024}, {"top_k": 6, "hidden": 512}), timing={"fast": (3, 10), "slow": (2, 5)},
+                compile_backend="inductor",
                 pairs=(("lm-350m-moe", "lm-350m"),), train_batch=8, train_seq_len=1024, train_accums=(1, 8), train_warmup=3,
                 train_steps=10,
                 autocast=torch.bfloat16),
-    "smoke": dict(device="cpu", dtype=torch.float32, tokens=256, dim=64, num_experts=8,
+    "smoke": dict(device="cpu", dtype=torch.bfloat16, tokens=256, dim=64, num_experts=8,
                   settings=({"top_k": 2, "hidden": 64}, {"top_k": 6, "hidden": 32}), timing={"fast": (0, 1), "slow": (0, 1)},
+                  compile_backend="aot_eager",  # traces the same graphs without inductor's CPU compile
                   pairs=(("lm-tiny-moe", "lm-tiny"),), train_batch=1, train_seq_len=64, train_accums=(1, 2), train_warmup=0,
                   train_steps=1,
                   autocast=None),
@@ -120,6 +125,15 @@ def layer_case(implementation: str) -> Callable[..., tuple[Callable[[], torch.Te
     return case
 
 
+def compiled(case: Callable[..., tuple[Callable[[], torch.Tensor], list]]) -> Callable[..., tuple[Callable[[], torch.Tensor], list]]:
+    """``case`` with its function under torch.compile (the preset's ``compile_backend``)."""
+    def compiled_case(p: dict[str, Any], setting: dict[str, int]):
+        fn, leaves = case(p, setting)
+        return torch.compile(fn, backend=p["compile_backend"]), leaves
+
+    return compiled_case
+
+
 # impl -> (builder of (fn, leaves), timing)
 LAYER_IMPLS: dict[str, tuple[Callable[..., Any], str]] = {
     "dense": (dense_case(naive_swiglu), "fast"),
@@ -127,6 +141,8 @@ LAYER_IMPLS: dict[str, tuple[Callable[..., Any], str]] = {
     "grouped_gemm": (grouped_gemm_case, "fast"),
     "grouped_mm": (layer_case("grouped_mm"), "fast"),
     "loop": (layer_case("loop"), "slow"),
+    "dense_compiled": (compiled(dense_case(naive_swiglu)), "fast"),
+    "grouped_mm_compiled": (compiled(layer_case("grouped_mm")), "fast"),
 }
 
 
@@ -167,6 +183,7 @@ def layer_summary(rows: list[dict[str, Any]], p: dict[str, Any]) -> list[dict[st
         speedup = ratio(ms["loop"], ms["grouped_mm"])
         out.append({**setting, "efficiency": efficiency, "efficiency_vs_fused_dense": ratio(ms["dense_fused"], ms["grouped_mm"]),
                     "grouped_gemm_efficiency": ratio(ms["dense_fused"], ms["grouped_gemm"]),  # both the fused activation
+                    "compiled_efficiency": ratio(ms["dense_compiled"], ms["grouped_mm_compiled"]),
                     "loop_speedup": speedup, "auto_choice": auto_choice(p, setting),
                     "meets_efficiency_target": (efficiency or 0) >= EFFICIENCY_TARGET,
                     "meets_loop_target": (speedup or 0) >= LOOP_TARGET})
@@ -294,9 +311,10 @@ def markdown(report: dict[str, Any]) -> str:
                   "Expert FLOPs = tokens * top_k * 3 * dim * hidden * 2 * 3 (the routed SwiGLU GEMMs, fwd+bwd). "
                   f"Targets: layer rate / dense rate >= {EFFICIENCY_TARGET}; loop / grouped_mm time >= {LOOP_TARGET}.\n",
                   markdown_table(("top_k", "hidden", "layer / dense rate", "target met", "layer / dense_fused rate",
-                                  "grouped GEMMs alone / dense_fused", "loop / grouped_mm", "target met", "auto runs"), (
+                                  "compiled layer / compiled dense rate", "grouped GEMMs alone / dense_fused",
+                                  "loop / grouped_mm", "target met", "auto runs"), (
                       (s["top_k"], s["hidden"], fmt(s["efficiency"], ".1%"), yes_no(s["meets_efficiency_target"]),
-                       fmt(s["efficiency_vs_fused_dense"], ".1%"),
+                       fmt(s["efficiency_vs_fused_dense"], ".1%"), fmt(s["compiled_efficiency"], ".1%"),
                        fmt(s["grouped_gemm_efficiency"], ".1%"), fmt(s["loop_speedup"], ".1f"),
                        yes_no(s["meets_loop_target"]), s["auto_choice"]) for s in lay["summary"])),
                   "Raw times:\n",

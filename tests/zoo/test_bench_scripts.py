@@ -75,6 +75,7 @@ def test_moe_layer_rows_and_summary(moe):
         assert r["expert_flops"] == r["tokens"] * r["top_k"] * 3 * r["dim"] * r["hidden"] * 2 * 3
     for s in layer["summary"]:
         assert s["efficiency"] > 0 and s["efficiency_vs_fused_dense"] > 0 and s["grouped_gemm_efficiency"] > 0
+        assert s["compiled_efficiency"] > 0
         assert s["loop_speedup"] > 0
         assert s["auto_choice"] == "grouped_mm" or s["auto_choice"].startswith("loop (")
     assert report["device_name"] == "cpu" and "Card: **cpu**" in md and "## MoE layer" in md
