@@ -271,7 +271,7 @@ def decay_scan(log_a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # --- fla dispatch ----------------------------------------------------------------------------------
 
-_FLA_FAILED: set = set()
+_KERNEL_FAILED: set = set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -299,22 +299,23 @@ def call_fla(path: str, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def try_fla(op: str, dtype: torch.dtype, strict: bool, thunk: Callable):
-    """Run ``thunk()`` (an fla call). With ``strict`` (backend='fla') errors propagate; otherwise
-    (backend='auto') a failure is warned about once, remembered per (op, dtype), and None is
-    returned so the caller falls back to its torch path. CUDA out-of-memory always propagates."""
+def try_kernel(op: str, dtype: torch.dtype, strict: bool, thunk: Callable):
+    """Run ``thunk()`` (a kernel call: fla's, or our own Triton's). With ``strict`` (the kernel's backend named
+    explicitly) errors propagate; otherwise (backend='auto') a failure is warned about once, remembered per
+    (op, dtype), and None is returned so the caller falls back to its torch path. CUDA out-of-memory always
+    propagates."""
     key = (op, dtype)
-    if not strict and key in _FLA_FAILED:
+    if not strict and key in _KERNEL_FAILED:
         return None
     try:
         return thunk()
     except torch.cuda.OutOfMemoryError:
         raise
-    except Exception as e:  # noqa: BLE001 - any fla failure (import, Triton, shape checks) falls back
+    except Exception as e:  # noqa: BLE001 - any kernel failure (import, Triton, shape checks) falls back
         if strict:
             raise
-        _FLA_FAILED.add(key)
-        warnings.warn(f"fla's {op} failed on {dtype} inputs ({type(e).__name__}: {e}); using the torch path instead "
+        _KERNEL_FAILED.add(key)
+        warnings.warn(f"{op} failed on {dtype} inputs ({type(e).__name__}: {e}); using the torch path instead "
                       "(warned once)", RuntimeWarning, stacklevel=3)
         return None
 
@@ -405,8 +406,8 @@ class GatedLinearMixer(Mixer):
         if self._use_fla(q):
             fn = self._fla_step if decoding else self._fla_chunk
             S_fla = None if S0 is None else S0.float()  # fla wants a float32 initial state
-            out = try_fla(f"{type(self).__name__}.{'step' if decoding else 'chunk'}", q.dtype, self.backend == "fla",
-                          lambda: fn(q, k, v, log_g, S_fla))
+            out = try_kernel(f"fla's {type(self).__name__}.{'step' if decoding else 'chunk'}", q.dtype,
+                             self.backend == "fla", lambda: fn(q, k, v, log_g, S_fla))
             if out is not None:
                 return out[0], {"S": out[1].to(self.state_dtype)}
         tr = lambda t: t.transpose(1, 2)

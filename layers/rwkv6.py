@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.linear_attention import GatedLinearMixer, call_fla, chunk_gla, finish_mix, try_fla
+from layers.linear_attention import GatedLinearMixer, call_fla, chunk_gla, finish_mix, try_kernel
 from layers.mixer import State, register_mixer
 
 
@@ -227,8 +227,8 @@ class RWKV6(GatedLinearMixer):
         S0 = None if state is None else state["S"]
         if self._use_fla(r):
             fn = self._fla_step if decoding else self._fla_chunk
-            out = try_fla(f"RWKV6.{'step' if decoding else 'chunk'}", r.dtype, self.backend == "fla",
-                          lambda: fn(r, k, v, log_w, None if S0 is None else S0.float()))
+            out = try_kernel(f"fla's RWKV6.{'step' if decoding else 'chunk'}", r.dtype, self.backend == "fla",
+                             lambda: fn(r, k, v, log_w, None if S0 is None else S0.float()))
             if out is not None:
                 return out[0], {"S": out[1].to(self.state_dtype)}
         if decoding:

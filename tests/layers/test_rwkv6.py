@@ -315,7 +315,7 @@ def test_auto_backend_falls_back_once_when_fla_fails(monkeypatch):
         raise RuntimeError("Triton refuses this GPU")
 
     monkeypatch.setattr(la, "FLA_AVAILABLE", True)
-    monkeypatch.setattr(la, "_FLA_FAILED", set())
+    monkeypatch.setattr(la, "_KERNEL_FAILED", set())
     monkeypatch.setattr(m, "_use_fla", lambda t: True)
     monkeypatch.setattr(m, "_fla_chunk", broken)
     with pytest.warns(RuntimeWarning, match="Triton refuses this GPU"):
