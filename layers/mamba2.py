@@ -23,19 +23,25 @@ and :func:`ssd_recurrent_ref` (token by token).
 
 float32 parameters (``A_log``, ``D``, ``dt_bias``), ``_no_reinit`` on ``dt_bias`` and padding
 masks: as :mod:`layers.mamba`.
+
+``backend``: ``auto`` runs the chunked SSD as Triton kernels (:mod:`layers.ssd_kernel`, forward and backward)
+where they run (CUDA, float32 / bfloat16 / float16, chunks of >= 16 tokens), falling back to
+:func:`ssd_chunked` with a warning if they fail at call time; ``triton`` requires them (errors propagate);
+``torch`` always runs :func:`ssd_chunked`. Decoding steps always run :func:`ssd_step`.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers import ssd_kernel
 from layers.causal_conv import causal_conv1d
-from layers.linear_attention import check_chunk_size, chunk_states
+from layers.linear_attention import check_chunk_size, chunk_states, try_kernel
 from layers.mamba import SelectiveSSMMixer, check_dt_range, check_positive_int, dt_bias_init, expanded_width
 from layers.mixer import State, register_mixer
+
+SSD_BACKENDS = ("auto", "torch", "triton")
 
 # Layout (mamba-ssm's): x [B, T, H, P]; dt [B, T, H] (after softplus); A [H]; B, C [B, T, G, N]; D [H];
 # state [B, H, P, N].
@@ -191,7 +197,8 @@ class Mamba2(SelectiveSSMMixer):
     ``num_heads`` is only validated by the Mixer interface), ``ngroups`` 1 (must divide nheads),
     ``A_init_range`` (1, 16) (A = -U(A_init_range) per head), ``dt_min`` 1e-3, ``dt_max`` 0.1,
     ``dt_init_floor`` 1e-4, ``conv_bias`` True, ``bias`` False (in_proj and out_proj),
-    ``norm_eps`` 1e-5, ``chunk_size`` 64 (a power of two; mamba-ssm: 256).
+    ``norm_eps`` 1e-5, ``chunk_size`` 64 (a power of two; mamba-ssm: 256), ``backend`` ``auto`` (see the module
+    docstring).
 
     Decoding state ``{"conv": [B, d_inner + 2 * ngroups * d_state, d_conv - 1] (the last conv inputs,
     in ``dtype`` or the weights' dtype), "ssm": [B, nheads, headdim, d_state] float32, "pos": [B] int64}``.
@@ -202,8 +209,14 @@ class Mamba2(SelectiveSSMMixer):
     def __init__(self, dim: int, num_heads: int, causal: bool = True, d_state: int = 128, d_conv: int = 4,
                  expand: float = 2, headdim: int = 64, ngroups: int = 1, A_init_range: tuple[float, float] = (1, 16),
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, conv_bias: bool = True,
-                 bias: bool = False, norm_eps: float = 1e-5, chunk_size: int = 64):
+                 bias: bool = False, norm_eps: float = 1e-5, chunk_size: int = 64, backend: str = "auto"):
         super().__init__(dim, num_heads, causal)
+        if backend not in SSD_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(SSD_BACKENDS)}; got {backend!r}")
+        if backend == "triton" and ssd_kernel.triton is None:
+            raise ValueError("backend='triton' needs Triton (it comes with torch's Linux CUDA wheels), which is not "
+                             "importable here; use backend='auto' or 'torch'")
+        self.backend = backend
         self.d_state = check_positive_int("d_state", d_state)
         self.d_conv = check_positive_int("d_conv", d_conv)
         self.d_inner = expanded_width(dim, expand)
@@ -258,11 +271,28 @@ class Mamba2(SelectiveSSMMixer):
         if mask is not None:
             dt = dt * mask[..., None]  # padded steps neither decay nor write to the state
         A = -torch.exp(self.A_log.float())
-        ssd = ssd_step if decoding else functools.partial(ssd_chunked, chunk_size=self.chunk_size)
-        y, h = ssd(xs.reshape(batch, T, self.nheads, self.headdim), dt, A, B.reshape(batch, T, G, N),
-                   C.reshape(batch, T, G, N), self.D, None if state is None else state["ssm"])
+        args = (xs.reshape(batch, T, self.nheads, self.headdim), dt, A, B.reshape(batch, T, G, N),
+                C.reshape(batch, T, G, N), self.D, None if state is None else state["ssm"])
+        y, h = ssd_step(*args) if decoding else self._chunked(*args)
         y = self.norm(y.reshape(batch, T, self.d_inner), z)
         return self.out_proj(y), {"conv": conv_state, "ssm": h}
+
+    def _chunked(self, *args):
+        """The chunked SSD through the kernels or the torch path (``backend``)."""
+        x = args[0]
+        if self.backend != "torch":
+            if not ssd_kernel.supports(x, self.chunk_size):
+                if self.backend == "triton":
+                    raise ValueError(f"backend='triton' needs a CUDA float32/bfloat16/float16 input and chunk_size >= 16; "
+                                     f"got a {x.dtype} tensor on {x.device.type} with chunk_size={self.chunk_size}")
+            else:
+                run = lambda: ssd_kernel.fused_ssd(*args, chunk_size=self.chunk_size)
+                if torch.compiler.is_compiling():  # one custom op in the graph; no Python fallback to trace
+                    return run()
+                out = try_kernel("the Mamba-2 SSD kernels", x.dtype, self.backend == "triton", run)
+                if out is not None:
+                    return out
+        return ssd_chunked(*args, chunk_size=self.chunk_size)
 
     def init_state(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> State:
         """``{"conv": zeros [B, conv_dim, d_conv - 1] (``dtype`` or the conv weight's), "ssm": zeros
@@ -281,4 +311,5 @@ class Mamba2(SelectiveSSMMixer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
-                f"headdim={self.headdim}, nheads={self.nheads}, ngroups={self.ngroups}, chunk_size={self.chunk_size}")
+                f"headdim={self.headdim}, nheads={self.nheads}, ngroups={self.ngroups}, chunk_size={self.chunk_size}, "
+                f"backend={self.backend!r}")

@@ -1,0 +1,315 @@
+"""Mamba-2's chunked SSD (:func:`layers.mamba2.ssd_chunked`) as Triton kernels, forward and backward.
+
+Same arguments, outputs and layout as :func:`layers.mamba2.ssd_chunked`: x [b, T, H, P]; dt [b, T, H]
+(after softplus); A [H]; B, C [b, T, G, N] (head h reads group h // (H / G)); D [H] or None; initial
+state [b, H, P, N] or None; returns y [b, T, H, P] in x's dtype and the final state [b, H, P, N] float32.
+
+With cs the cumulative log decay dt A inside a chunk of L tokens, S the state entering the chunk and
+v = dt x, each chunk computes
+
+    y_i   = sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) v_j  +  exp(cs_i) C_i S  +  D x_i
+    S_out = exp(cs_L) S + sum_j exp(cs_L - cs_j) B_j^T v_j
+
+in three kernels: each chunk's own state contribution, a scan over chunks (one program per head walks the
+chunks in order, the state in registers), then every chunk's output. The backward mirrors it: each chunk's
+contribution to the gradient of its entering state, a reverse scan, then one kernel for the gradients of
+x, dt, B, C and the log decays (a reverse cumulative sum of the cs gradients), with dA and dD reduced from
+per-chunk partial sums. Nothing of size [b, T, H, L] or [b, H, chunks, N, P] is kept between forward and
+backward: the backward recomputes the chunk states from the saved inputs.
+
+Why: the torch path materialises the [L, L] decay and score blocks and the float32 products in memory
+(fused under torch.compile, still 0.5x lm-125m's training tokens/s at T = 16k on an H200). Here they live in
+registers. Dots run in the inputs' dtype with float32 accumulation (exact float32 for float32 inputs);
+decays, the state and every accumulation are float32.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests' float32 and float16 checks).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from layers.triton_support import kernels_take, tl, triton
+
+
+def supports(x: Tensor, chunk_size: int) -> bool:
+    """Whether the mixers run :func:`fused_ssd` on ``x``: Triton present, a CUDA float32 / bfloat16 / float16
+    tensor, and chunks of at least 16 tokens (the smallest Triton dot)."""
+    return kernels_take(x) and chunk_size >= 16
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L: tl.constexpr):
+        """dt and the inclusive cumulative log decay cs of chunk c (rows past T: dt = 0, no decay)."""
+        t = c * L + tl.arange(0, L)
+        dt = tl.load(dt_ptr + (b * T + t).to(tl.int64) * H + h, mask=t < T, other=0.0).to(tl.float32)
+        cs = tl.cumsum(dt * tl.load(A_ptr + h).to(tl.float32), 0)
+        return t, dt, cs
+
+    @triton.jit
+    def _rows(ptr, b, t, T, width, head, heads, cols, BLOCK: tl.constexpr):
+        """The [L, BLOCK] tile of rows t of a [b, T, heads, width] tensor at ``head`` (zeros past T / width)."""
+        offs = ((b * T + t).to(tl.int64) * heads + head)[:, None] * width + cols[None, :]
+        return tl.load(ptr + offs, mask=(t < T)[:, None] & (cols < width)[None, :], other=0.0)
+
+    @triton.jit
+    def _store_rows(ptr, value, b, t, T, width, head, heads, cols):
+        offs = ((b * T + t).to(tl.int64) * heads + head)[:, None] * width + cols[None, :]
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=(t < T)[:, None] & (cols < width)[None, :])
+
+    @triton.jit
+    def _state_offsets(bh, c, nc, N, P, n, p):
+        """Offsets of the [BLOCK_N, BLOCK_P] tile of chunk c in a [b * H, nc, N, P] buffer."""
+        return ((bh * nc + c).to(tl.int64) * N + n[:, None]) * P + p[None, :]
+
+    @triton.jit
+    def _chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, kv_ptr, dec_ptr, T, H, G, P, N, nc,
+                            L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """kv[c] = sum_j exp(cs_L - cs_j) B_j^T (dt_j x_j)  [N, P];  dec[c] = cs_L."""
+        c, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        g = h // (H // G)
+        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+        t, dt, cs = _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L)
+        cs_last = tl.sum(tl.where(tl.arange(0, L) == L - 1, cs, 0.0), 0)
+        x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
+        Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        v = (x.to(tl.float32) * (dt * tl.exp(cs_last - cs))[:, None]).to(x.dtype)
+        kv = tl.dot(tl.trans(Bt), v, input_precision=PRECISION)
+        live = (n < N)[:, None] & (p < P)[None, :]
+        tl.store(kv_ptr + _state_offsets(bh, c, nc, N, P, n, p), kv, mask=live)
+        tl.store(dec_ptr + bh * nc + c, cs_last)
+
+    @triton.jit
+    def _scan_kernel(buf_ptr, dec_ptr, init_ptr, final_ptr, nc, N, P, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+        """In place over chunks (reversed with REVERSE): buf[c] <- S;  S <- exp(dec[c]) S + buf[c], starting from
+        init (or 0); the last S goes to final. States are [N, P]; init and final are [b * H, P, N] (mamba-ssm's)."""
+        bh, pb = tl.program_id(0), tl.program_id(1)
+        n, p = tl.arange(0, BLOCK_N), pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        live = (n < N)[:, None] & (p < P)[None, :]
+        transposed = (bh.to(tl.int64) * P + p[None, :]) * N + n[:, None]
+        if HAS_INIT:
+            S = tl.load(init_ptr + transposed, mask=live, other=0.0).to(tl.float32)
+        else:
+            S = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+        for i in range(0, nc):
+            c = nc - 1 - i if REVERSE else i
+            at = buf_ptr + _state_offsets(bh, c, nc, N, P, n, p)
+            own = tl.load(at, mask=live, other=0.0)
+            tl.store(at, S, mask=live)
+            S = tl.exp(tl.load(dec_ptr + bh * nc + c)) * S + own
+        tl.store(final_ptr + transposed, S, mask=live)
+
+    @triton.jit
+    def _chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, S_ptr, y_ptr, T, H, G, P, N, nc,
+                             L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """y = ((C B^T) * exp(cs_i - cs_j) [j <= i]) (dt x) + exp(cs) C S + D x for chunk c."""
+        c, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        g = h // (H // G)
+        p, n, i = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, L)
+        t, dt, cs = _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L)
+        x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
+        Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        decay = tl.exp(tl.where(i[:, None] >= i[None, :], cs[:, None] - cs[None, :], float("-inf")))
+        scores = (tl.dot(Ct, tl.trans(Bt), input_precision=PRECISION) * decay).to(x.dtype)
+        v = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
+        y = tl.dot(scores, v, input_precision=PRECISION)
+        S = tl.load(S_ptr + _state_offsets(bh, c, nc, N, P, n, p), mask=(n < N)[:, None] & (p < P)[None, :], other=0.0)
+        y += tl.exp(cs)[:, None] * tl.dot(Ct, S.to(x.dtype), input_precision=PRECISION)
+        if HAS_D:
+            y += tl.load(D_ptr + h).to(tl.float32) * x.to(tl.float32)
+        _store_rows(y_ptr, y, b, t, T, P, h, H, p)
+
+    @triton.jit
+    def _chunk_dstate_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, q_ptr, T, H, G, P, N, nc,
+                             L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """q[c] = sum_i exp(cs_i) C_i^T dy_i  [N, P]: the gradient chunk c's outputs send to its entering state."""
+        c, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        g = h // (H // G)
+        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+        t, dt, cs = _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L)
+        dy = _rows(dy_ptr, b, t, T, P, h, H, p, BLOCK_P)
+        Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        Ce = (Ct.to(tl.float32) * tl.exp(cs)[:, None]).to(dy.dtype)
+        q = tl.dot(tl.trans(Ce), dy, input_precision=PRECISION)
+        tl.store(q_ptr + _state_offsets(bh, c, nc, N, P, n, p), q, mask=(n < N)[:, None] & (p < P)[None, :])
+
+    @triton.jit
+    def _chunk_backward_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, S_ptr, Gs_ptr, dy_ptr,
+                               dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, T, H, G, P, N, nc,
+                               L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
+                               PRECISION: tl.constexpr):
+        """Gradients of chunk c given its entering state S and the gradient Gs of its leaving state: dx, ddt,
+        per-head dB and dC (summed over each group's heads afterwards), and this chunk's parts of dA and dD."""
+        c, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        g = h // (H // G)
+        p, n, i = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, L)
+        t, dt, cs = _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L)
+        cs_last = tl.sum(tl.where(i == L - 1, cs, 0.0), 0)
+        x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
+        dy = _rows(dy_ptr, b, t, T, P, h, H, p, BLOCK_P)
+        Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        state_live = (n < N)[:, None] & (p < P)[None, :]
+        S = tl.load(S_ptr + _state_offsets(bh, c, nc, N, P, n, p), mask=state_live, other=0.0)
+        Gs = tl.load(Gs_ptr + _state_offsets(bh, c, nc, N, P, n, p), mask=state_live, other=0.0)
+        v = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
+
+        # within the chunk: scores_ij = (C_i . B_j) exp(cs_i - cs_j), j <= i
+        decay = tl.exp(tl.where(i[:, None] >= i[None, :], cs[:, None] - cs[None, :], float("-inf")))
+        scores = tl.dot(Ct, tl.trans(Bt), input_precision=PRECISION) * decay
+        dyv = tl.dot(dy, tl.trans(v), input_precision=PRECISION)  # dy_i . v_j
+        M = dyv * decay
+        dv = tl.dot(tl.trans(scores.to(x.dtype)), dy, input_precision=PRECISION)
+        dC = tl.dot(M.to(x.dtype), Bt, input_precision=PRECISION)
+        dB = tl.dot(tl.trans(M.to(x.dtype)), Ct, input_precision=PRECISION)
+        both = scores * dyv
+        dcs = tl.sum(both, 1) - tl.sum(both, 0)
+
+        # the entering state read by C: exp(cs_i) C_i S
+        e = tl.exp(cs)
+        dC_state = e[:, None] * tl.dot(dy, tl.trans(S.to(x.dtype)), input_precision=PRECISION)
+        dcs += tl.sum(dC_state * Ct.to(tl.float32), 1)
+        dC += dC_state
+
+        # the leaving state: exp(cs_L - cs_j) B_j^T v_j and exp(cs_L) S
+        w = tl.exp(cs_last - cs)
+        dv_state = w[:, None] * tl.dot(Bt, Gs.to(x.dtype), input_precision=PRECISION)
+        dB += w[:, None] * tl.dot(v, tl.trans(Gs.to(x.dtype)), input_precision=PRECISION)
+        dv += dv_state
+        through_state = tl.sum(dv_state * v.to(tl.float32), 1)
+        dcs -= through_state
+        dcs += tl.where(i == L - 1, tl.sum(through_state, 0) + tl.exp(cs_last) * tl.sum(tl.sum(S * Gs, 1), 0), 0.0)
+
+        da = tl.sum(dcs, 0) - tl.cumsum(dcs, 0) + dcs  # cs_k = a_0 + ... + a_k: da_t = sum_{k >= t} dcs_k
+        A = tl.load(A_ptr + h).to(tl.float32)
+        xf = x.to(tl.float32)
+        dx = dv * dt[:, None]
+        if HAS_D:
+            dyf = dy.to(tl.float32)
+            dx += tl.load(D_ptr + h).to(tl.float32) * dyf
+            tl.store(dD_ptr + bh * nc + c, tl.sum(tl.sum(dyf * xf, 1), 0))
+        _store_rows(dx_ptr, dx, b, t, T, P, h, H, p)
+        tl.store(ddt_ptr + (b * T + t).to(tl.int64) * H + h, tl.sum(dv * xf, 1) + da * A, mask=t < T)
+        tl.store(dA_ptr + bh * nc + c, tl.sum(da * dt, 0))
+        _store_rows(dB_ptr, dB, b, t, T, N, h, H, n)
+        _store_rows(dC_ptr, dC, b, t, T, N, h, H, n)
+
+
+def _launch_shape(x: Tensor, B: Tensor, chunk_size: int):
+    batch, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    return batch, T, H, P, G, N, triton.cdiv(T, chunk_size)
+
+
+def _meta(x: Tensor, P: int, N: int) -> dict:
+    """Tile sizes (powers of two >= 16, the smallest Triton dot) and the dots' precision: exact for float32."""
+    return dict(BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=max(16, triton.next_power_of_2(N)),
+                PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+
+
+def _chunk_states(x, dt, A, B, initial_state, chunk_size):
+    """The states entering every chunk, [b * H, nc, N, P] float32, the chunks' log decays [b * H, nc] and the
+    final state [b, H, P, N] float32."""
+    batch, T, H, P, G, N, nc = _launch_shape(x, B, chunk_size)
+    meta = _meta(x, P, N)
+    states = torch.empty(batch * H, nc, N, P, device=x.device, dtype=torch.float32)
+    dec = torch.empty(batch * H, nc, device=x.device, dtype=torch.float32)
+    _chunk_state_kernel[(nc, batch * H)](x, dt, A, B, states, dec, T, H, G, P, N, nc, L=chunk_size, **meta)
+    final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
+    has_init = initial_state is not None
+    _scan_kernel[(batch * H, 1)](states, dec, initial_state if has_init else final, final, nc, N, P, REVERSE=False,
+                                 HAS_INIT=has_init, BLOCK_N=meta["BLOCK_N"], BLOCK_P=meta["BLOCK_P"])
+    return states, dec, final
+
+
+# The kernels run inside two custom ops (forward, backward), so torch.compile keeps them as opaque calls in its
+# graphs (with their output shapes from the fake implementations) instead of tracing into Triton launches.
+
+
+@torch.library.custom_op("effzoo::ssd_forward", mutates_args=())
+def _ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 initial_state: Optional[Tensor], chunk_size: int) -> tuple[Tensor, Tensor]:
+    batch, T, H, P, G, N, nc = _launch_shape(x, B, chunk_size)
+    states, _, final = _chunk_states(x, dt, A, B, initial_state, chunk_size)
+    y = torch.empty_like(x)
+    _chunk_output_kernel[(nc, batch * H)](x, dt, A, B, C, A if D is None else D, states, y, T, H, G, P, N, nc,
+                                          L=chunk_size, HAS_D=D is not None, **_meta(x, P, N))
+    return y, final
+
+
+@_ssd_forward.register_fake
+def _(x, dt, A, B, C, D, initial_state, chunk_size):
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], x.shape[3], B.shape[3], dtype=torch.float32)
+
+
+@torch.library.custom_op("effzoo::ssd_backward", mutates_args=())
+def _ssd_backward(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                  D: Optional[Tensor], initial_state: Optional[Tensor],
+                  chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x, dt, A, B, C, D and the initial state (the last two empty when absent)."""
+    L = chunk_size
+    batch, T, H, P, G, N, nc = _launch_shape(x, B, L)
+    meta = _meta(x, P, N)
+    states, dec, _ = _chunk_states(x, dt, A, B, initial_state, L)
+    grads_out = torch.empty(batch * H, nc, N, P, device=x.device, dtype=torch.float32)
+    _chunk_dstate_kernel[(nc, batch * H)](dy, dt, A, C, grads_out, T, H, G, P, N, nc, L=L, **meta)
+    d_init = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
+    _scan_kernel[(batch * H, 1)](grads_out, dec, d_init if dfinal is None else dfinal, d_init, nc, N, P, REVERSE=True,
+                                 HAS_INIT=dfinal is not None, BLOCK_N=meta["BLOCK_N"], BLOCK_P=meta["BLOCK_P"])
+    dx, ddt = torch.empty_like(x), torch.empty_like(dt)
+    dB_heads = torch.empty(batch, T, H, N, device=x.device, dtype=torch.float32)
+    dC_heads = torch.empty_like(dB_heads)
+    dA_parts = torch.empty(batch * H, nc, device=x.device, dtype=torch.float32)
+    dD_parts = torch.empty_like(dA_parts)
+    _chunk_backward_kernel[(nc, batch * H)](x, dt, A, B, C, A if D is None else D, states, grads_out, dy, dx, ddt,
+                                            dB_heads, dC_heads, dA_parts, dD_parts, T, H, G, P, N, nc, L=L,
+                                            HAS_D=D is not None, num_warps=8, **meta)
+    per_group = lambda t: t.view(batch, T, G, H // G, N).sum(3).to(B.dtype)
+    dD = x.new_empty(0) if D is None else dD_parts.view(batch, H, nc).sum((0, 2)).to(D.dtype)
+    return (dx, ddt, dA_parts.view(batch, H, nc).sum((0, 2)), per_group(dB_heads), per_group(dC_heads), dD,
+            x.new_empty(0) if initial_state is None else d_init)
+
+
+@_ssd_backward.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
+            empty if D is None else torch.empty_like(D),
+            empty if initial_state is None else torch.empty_like(initial_state, dtype=torch.float32))
+
+
+def _save_inputs(ctx, inputs, output):
+    *tensors, ctx.chunk_size = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, dy, dfinal):
+    x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+    dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
+    dfinal = None if dfinal is None else dfinal.float().contiguous()
+    dx, ddt, dA, dB, dC, dD, d_init = _ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, ctx.chunk_size)
+    return dx, ddt, dA, dB, dC, None if D is None else dD, None if initial_state is None else d_init, None
+
+
+_ssd_forward.register_autograd(_backward, setup_context=_save_inputs)
+
+
+def fused_ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
+    """:func:`layers.mamba2.ssd_chunked` through the kernels (see the module docstring); ``chunk_size`` a power
+    of two >= 16. Runs wherever Triton does (CUDA, or CPU tensors under the interpreter): callers check
+    :func:`supports`."""
+    cast = lambda t, dtype: None if t is None else t.to(dtype).contiguous()
+    return _ssd_forward(x.contiguous(), cast(dt, torch.float32), cast(A, torch.float32), cast(B, x.dtype),
+                        cast(C, x.dtype), cast(D, D.dtype if D is not None else None), cast(initial_state, torch.float32),
+                        chunk_size)
