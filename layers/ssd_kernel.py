@@ -43,12 +43,17 @@ def supports(x: Tensor, chunk_size: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L: tl.constexpr):
-        """dt and the inclusive cumulative log decay cs of chunk c (rows past T: dt = 0, no decay)."""
+    def _chunk_program(dt_ptr, A_ptr, T, H, G, L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's chunk c and (batch, head) pair bh = b * H + h, the head's group g, the tiles' column
+        indices p and n, the chunk's rows t, their dt and inclusive cumulative log decays cs (rows past T: dt = 0,
+        no decay) and the chunk's total cs_last."""
+        c, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
         t = c * L + tl.arange(0, L)
         dt = tl.load(dt_ptr + (b * T + t).to(tl.int64) * H + h, mask=t < T, other=0.0).to(tl.float32)
         cs = tl.cumsum(dt * tl.load(A_ptr + h).to(tl.float32), 0)
-        return t, dt, cs
+        cs_last = tl.sum(tl.where(tl.arange(0, L) == L - 1, cs, 0.0), 0)
+        return c, bh, b, h, h // (H // G), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), t, dt, cs, cs_last
 
     @triton.jit
     def _rows(ptr, b, t, T, width, head, heads, cols, BLOCK: tl.constexpr):
@@ -70,12 +75,7 @@ if triton is not None:
     def _chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, kv_ptr, dec_ptr, T, H, G, P, N, nc,
                             L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """kv[c] = sum_j exp(cs_L - cs_j) B_j^T (dt_j x_j)  [N, P];  dec[c] = cs_L."""
-        c, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        g = h // (H // G)
-        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-        t, dt, cs = _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L)
-        cs_last = tl.sum(tl.where(tl.arange(0, L) == L - 1, cs, 0.0), 0)
+        c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
         x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
         Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
         v = (x.to(tl.float32) * (dt * tl.exp(cs_last - cs))[:, None]).to(x.dtype)
@@ -110,11 +110,8 @@ if triton is not None:
                              L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
                              PRECISION: tl.constexpr):
         """y = ((C B^T) * exp(cs_i - cs_j) [j <= i]) (dt x) + exp(cs) C S + D x for chunk c."""
-        c, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        g = h // (H // G)
-        p, n, i = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, L)
-        t, dt, cs = _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L)
+        c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
+        i = tl.arange(0, L)
         x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
         Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
         Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
@@ -132,11 +129,7 @@ if triton is not None:
     def _chunk_dstate_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, q_ptr, T, H, G, P, N, nc,
                              L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """q[c] = sum_i exp(cs_i) C_i^T dy_i  [N, P]: the gradient chunk c's outputs send to its entering state."""
-        c, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        g = h // (H // G)
-        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-        t, dt, cs = _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L)
+        c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
         dy = _rows(dy_ptr, b, t, T, P, h, H, p, BLOCK_P)
         Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
         Ce = (Ct.to(tl.float32) * tl.exp(cs)[:, None]).to(dy.dtype)
@@ -150,12 +143,8 @@ if triton is not None:
                                PRECISION: tl.constexpr):
         """Gradients of chunk c given its entering state S and the gradient Gs of its leaving state: dx, ddt,
         per-head dB and dC (summed over each group's heads afterwards), and this chunk's parts of dA and dD."""
-        c, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        g = h // (H // G)
-        p, n, i = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, L)
-        t, dt, cs = _chunk_cumsum(dt_ptr, A_ptr, b, h, c, T, H, L)
-        cs_last = tl.sum(tl.where(i == L - 1, cs, 0.0), 0)
+        c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
+        i = tl.arange(0, L)
         x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
         dy = _rows(dy_ptr, b, t, T, P, h, H, p, BLOCK_P)
         Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
