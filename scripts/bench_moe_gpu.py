@@ -125,7 +125,10 @@ def layer_case(implementation: str) -> Callable[..., tuple[Callable[[], torch.Te
     return case
 
 
-def compiled(case: Callable[..., tuple[Callable[[], torch.Tensor], list]]) -> Callable[..., tuple[Callable[[], torch.Tensor], list]]:
+Case = Callable[..., tuple[Callable[[], torch.Tensor], list]]  # (preset, setting) -> (fn, leaves)
+
+
+def compiled(case: Case) -> Case:
     """``case`` with its function under torch.compile (the preset's ``compile_backend``)."""
     def compiled_case(p: dict[str, Any], setting: dict[str, int]):
         fn, leaves = case(p, setting)

@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", type=_comma_list(float), default=None,
                    help="learning rates to sweep (1e-3,3e-3), in place of the sweep's")
     p.add_argument("--mixers", type=_comma_list(str), default=None, help="only these mixers of the sweep (attention,gla)")
-    p.add_argument("--resume", action="store_true", help="keep --out and skip the runs its results.jsonl holds as finished")
+    p.add_argument("--resume", action="store_true",
+                   help="keep --out, skip the runs its results.jsonl holds as finished, and continue interrupted runs "
+                        "from their last checkpoint")
     p.add_argument("--grid", type=_grid_axis, action="append", default=[], metavar="AXIS=YAML",
                    help="replace another axis of the grid: --grid 'widths=[64,128]' --grid 'lengths=[[512,64]]'")
     p.set_defaults(func=cmd_reproduce)

@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -62,7 +62,7 @@ class SweepOptions:
     steps: int | None = None  # replaces the grid's steps
     lrs: list[float] | None = None  # replaces the grid's learning rates
     mixers: list[str] | None = None  # picks mixers from the sweep's table
-    resume: bool = False  # keep out_dir and skip runs recorded as finished in results.jsonl
+    resume: bool = False  # keep out_dir, skip runs recorded as finished in results.jsonl, continue interrupted ones
     grid: dict[str, Any] | None = None  # replaces any other axes of the grid ({"widths": [64, 128]})
 
     def __post_init__(self) -> None:
@@ -182,6 +182,7 @@ class ListopsGrid(Strict):
     batch_size: PositiveInt
     lrs: list[PositiveFloat]
     num_workers: NonNegativeInt = 0  # data-loading processes per run: long expressions are generated on the fly
+    save_every: PositiveInt | None = None  # checkpoint interval: a run stopped between two continues under --resume
 
 
 class ListopsSweep(Sweep):
@@ -274,7 +275,7 @@ def final_metrics(run_dir: Path) -> dict[str, Any]:
 
 def run_in_subprocess(run: Run, run_dir: Path, device: str | None) -> dict[str, Any]:
     """Train ``run`` with ``zoo train`` (and test it with ``zoo eval``) in subprocesses that see ``device``."""
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # an interrupted run's folder, when it resumes
     zoo_command(run_dir, device, "train", str(run.base), *run.overrides, f"out_dir={run_dir.resolve()}", "train.progress=false")
     metrics = {"metrics": final_metrics(run_dir)}
     if run.test is not None:
@@ -282,10 +283,17 @@ def run_in_subprocess(run: Run, run_dir: Path, device: str | None) -> dict[str, 
     return metrics
 
 
-def execute(run: Run, out_dir: Path, device: str | None, runner: Callable) -> dict[str, Any]:
-    """``run``'s record: its params, folder and status, with its metrics or its failure."""
+def execute(run: Run, out_dir: Path, device: str | None, runner: Callable, resume: bool = False) -> dict[str, Any]:
+    """``run``'s record: its params, folder and status, with its metrics or its failure. With ``resume``, a run
+    interrupted after writing a checkpoint continues from it (``resume=true``); otherwise an earlier attempt's
+    folder is cleared."""
+    from zoo.train import latest_checkpoint
+
     run_dir = out_dir / run.name
-    shutil.rmtree(run_dir, ignore_errors=True)  # a failed earlier attempt
+    if resume and latest_checkpoint(run_dir) is not None:
+        run = replace(run, overrides=[*run.overrides, "resume=true"])
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
     record = {**run.params, "run": run.name, "run_dir": str(run_dir)}
     try:
         return {**record, "status": "ok", **runner(run, run_dir, device)}
@@ -301,7 +309,8 @@ def finished_runs(path: Path) -> dict[str, dict[str, Any]]:
 
 def run_sweep(runs: list[Run], out_dir: Path, options: SweepOptions) -> list[dict[str, Any]]:
     """Execute ``runs`` and return their records in order. Each record is appended to results.jsonl as its
-    run ends. With ``options.resume`` the runs already finished there are not run again, and the records of
+    run ends. With ``options.resume`` the runs already finished there are not run again, interrupted runs
+    continue from their last checkpoint (``train.save_every`` sets how often one is written), and the records of
     runs finished there by earlier invocations follow (a sweep split over several calls, e.g. by ``--mixers``,
     reports all of it)."""
     if not options.resume:
@@ -318,7 +327,7 @@ def run_sweep(runs: list[Run], out_dir: Path, options: SweepOptions) -> list[dic
 
     if options.in_process:
         for run in todo:
-            keep(execute(run, out_dir, None, run_in_process))
+            keep(execute(run, out_dir, None, run_in_process, options.resume))
     else:
         slots: queue.Queue = queue.Queue()  # one per job; devices dealt round-robin
         for k in range(options.jobs):
@@ -327,7 +336,7 @@ def run_sweep(runs: list[Run], out_dir: Path, options: SweepOptions) -> list[dic
         def on_a_slot(run: Run) -> dict[str, Any]:
             device = slots.get()
             try:
-                return execute(run, out_dir, device, run_in_subprocess)
+                return execute(run, out_dir, device, run_in_subprocess, options.resume)
             finally:
                 slots.put(device)
 
@@ -447,8 +456,9 @@ def listops_overrides(run: dict[str, Any], sweep: ListopsSweep) -> list[str]:
         f"model.name={run['model']}", f"model.mixer={run['mixer']}", f"model.max_seq_len={run['max_length'] + 1}",
         f"data.min_length={run['min_length']}", f"data.max_length={run['max_length']}",
         f"data.num_examples={{train: {run['train_examples']}, val: {run['val_examples']}}}",
-        f"train.num_workers={run['num_workers']}", f"train.steps={run['steps']}", f"train.batch_size={run['batch_size']}",
-        f"train.lr={run['lr']}", f"train.warmup_steps={run['steps'] // 10}", f"train.eval_every={run['steps']}", *sweep.overrides,
+        f"train.num_workers={run['num_workers']}", f"train.save_every={run['save_every'] or 'null'}",
+        f"train.steps={run['steps']}", f"train.batch_size={run['batch_size']}", f"train.lr={run['lr']}",
+        f"train.warmup_steps={run['steps'] // 10}", f"train.eval_every={run['steps']}", *sweep.overrides,
     ]
 
 
@@ -514,9 +524,11 @@ def moe_vs_dense_runs(quick: bool, options: SweepOptions | None = None) -> list[
     grid = sweep.grid(quick, options)
     runs = []
     for (label, model), lr in product(sweep.models.items(), grid.lrs):
-        params = dict(model=label, size=grid.size, seq_len=grid.seq_len, steps=grid.steps, batch_size=grid.batch_size, lr=lr)
+        params = dict(model=label, size=grid.size, seq_len=grid.seq_len, steps=grid.steps, batch_size=grid.batch_size, lr=lr,
+                      max_bytes=grid.max_bytes)
         overrides = [f"model.name=lm-{grid.size}", f"model.max_seq_len={grid.seq_len}", f"data.seq_len={grid.seq_len}",
-                     f"data.max_bytes={'null' if grid.max_bytes is None else grid.max_bytes}", *(f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in model.items()),
+                     f"data.max_bytes={'null' if grid.max_bytes is None else grid.max_bytes}",
+                     *(f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in model.items()),
                      f"train.steps={grid.steps}", f"train.batch_size={grid.batch_size}", f"train.lr={lr}",
                      f"train.warmup_steps={grid.steps // 10}", f"train.eval_every={grid.steps}", *sweep.overrides]
         runs.append(Run(params, sweep.base_path, overrides))

@@ -182,6 +182,7 @@ def test_listops_configs_build(quick):
             model = zoo.create_model(config.model.name, **config.model.kwargs())
         assert model.config.max_seq_len == run.params["max_length"] + 1
         assert config.data.kwargs()["num_examples"] == {"train": run.params["train_examples"], "val": run.params["val_examples"]}
+        assert config.train.save_every == run.params["save_every"] == (None if quick else 1000)
         assert {b.mixer.mixer_name for b in model.blocks} == {run.params["mixer"]}
         assert run.test[0] == "split=test"
 
@@ -245,3 +246,22 @@ def test_the_full_moe_vs_dense_run_sees_each_training_byte_at_most_once():
         assert data["max_bytes"] is None
         consumed = config.train.steps * config.train.batch_size * data["seq_len"]
         assert consumed < len(pytext("train", seq_len=data["seq_len"]).data)
+
+
+def test_resume_continues_an_interrupted_run_from_its_checkpoint(monkeypatch, tmp_path):
+    """A run stopped after its step-10 checkpoint (here: trained to step 10 into its folder) continues from that
+    checkpoint under --resume and ends at its 20 steps; without --resume the folder starts afresh."""
+    monkeypatch.setattr(reproduce, "SWEEPS", write_sweep(tmp_path, "mqar", TINY_SWEEP))
+    out = tmp_path / "out"
+    [run] = reproduce.mqar_runs(True, SweepOptions(mixers=["attention"]))
+    interrupted = load_config(run.base, [*run.overrides, f"out_dir={out / run.name}", "train.steps=10"])
+    reproduce.train(interrupted)
+    seen = []
+    real_train = reproduce.train
+    monkeypatch.setattr(reproduce, "train", lambda cfg: seen.append(cfg.resume) or real_train(cfg))
+    result = reproduce.reproduce("mqar", quick=True, out_dir=out, mixers=["attention"], resume=True)
+    assert seen == [True] and [r["metrics"]["step"] for r in result["runs"]] == [20]
+    log = [json.loads(line) for line in (out / run.name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["split"] == "val"] == [10, 20]  # the first ten steps were not trained again
+    reproduce.reproduce("mqar", quick=True, out_dir=out, mixers=["attention"])
+    assert seen == [True, False]
