@@ -149,9 +149,7 @@ if triton is not None:
         dy = _rows(dy_ptr, b, t, T, P, h, H, p, BLOCK_P)
         Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
         Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
-        state_live = (n < N)[:, None] & (p < P)[None, :]
-        S = tl.load(S_ptr + _state_offsets(bh, c, nc, N, P, n, p), mask=state_live, other=0.0)
-        Gs = tl.load(Gs_ptr + _state_offsets(bh, c, nc, N, P, n, p), mask=state_live, other=0.0)
+        state_at, state_live = _state_offsets(bh, c, nc, N, P, n, p), (n < N)[:, None] & (p < P)[None, :]
         v = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
 
         # within the chunk: scores_ij = (C_i . B_j) exp(cs_i - cs_j), j <= i
@@ -165,16 +163,19 @@ if triton is not None:
         both = scores * dyv
         dcs = tl.sum(both, 1) - tl.sum(both, 0)
 
-        # the entering state read by C: exp(cs_i) C_i S
-        e = tl.exp(cs)
-        dC_state = e[:, None] * tl.dot(dy, tl.trans(S.to(x.dtype)), input_precision=PRECISION)
+        # the entering state read by C: exp(cs_i) C_i S (dC is complete after this; tiles are loaded late and
+        # stored early to keep fewer of them live at once)
+        S = tl.load(S_ptr + state_at, mask=state_live, other=0.0)
+        dC_state = tl.exp(cs)[:, None] * tl.dot(dy, tl.trans(S.to(x.dtype)), input_precision=PRECISION)
         dcs += tl.sum(dC_state * Ct.to(tl.float32), 1)
-        dC += dC_state
+        _store_rows(dC_ptr, dC + dC_state, b, t, T, N, h, H, n)
 
         # the leaving state: exp(cs_L - cs_j) B_j^T v_j and exp(cs_L) S
+        Gs = tl.load(Gs_ptr + state_at, mask=state_live, other=0.0)
         w = tl.exp(cs_last - cs)
         dv_state = w[:, None] * tl.dot(Bt, Gs.to(x.dtype), input_precision=PRECISION)
-        dB += w[:, None] * tl.dot(v, tl.trans(Gs.to(x.dtype)), input_precision=PRECISION)
+        _store_rows(dB_ptr, dB + w[:, None] * tl.dot(v, tl.trans(Gs.to(x.dtype)), input_precision=PRECISION),
+                    b, t, T, N, h, H, n)
         dv += dv_state
         through_state = tl.sum(dv_state * v.to(tl.float32), 1)
         dcs -= through_state
@@ -191,8 +192,6 @@ if triton is not None:
         _store_rows(dx_ptr, dx, b, t, T, P, h, H, p)
         tl.store(ddt_ptr + (b * T + t).to(tl.int64) * H + h, tl.sum(dv * xf, 1) + da * A, mask=t < T)
         tl.store(dA_ptr + bh * nc + c, tl.sum(da * dt, 0))
-        _store_rows(dB_ptr, dB, b, t, T, N, h, H, n)
-        _store_rows(dC_ptr, dC, b, t, T, N, h, H, n)
 
 
 def _launch_shape(x: Tensor, B: Tensor, chunk_size: int):
