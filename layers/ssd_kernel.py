@@ -56,8 +56,8 @@ if triton is not None:
         return c, bh, b, h, h // (H // G), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), t, dt, cs, cs_last
 
     @triton.jit
-    def _rows(ptr, b, t, T, width, head, heads, cols, BLOCK: tl.constexpr):
-        """The [L, BLOCK] tile of rows t of a [b, T, heads, width] tensor at ``head`` (zeros past T / width)."""
+    def _rows(ptr, b, t, T, width, head, heads, cols):
+        """The [L, len(cols)] tile of rows t of a [b, T, heads, width] tensor at ``head`` (zeros past T / width)."""
         offs = ((b * T + t).to(tl.int64) * heads + head)[:, None] * width + cols[None, :]
         return tl.load(ptr + offs, mask=(t < T)[:, None] & (cols < width)[None, :], other=0.0)
 
@@ -76,8 +76,8 @@ if triton is not None:
                             L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """kv[c] = sum_j exp(cs_L - cs_j) B_j^T (dt_j x_j)  [N, P];  dec[c] = cs_L."""
         c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
-        x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
-        Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        x = _rows(x_ptr, b, t, T, P, h, H, p)
+        Bt = _rows(B_ptr, b, t, T, N, g, G, n)
         v = (x.to(tl.float32) * (dt * tl.exp(cs_last - cs))[:, None]).to(x.dtype)
         kv = tl.dot(tl.trans(Bt), v, input_precision=PRECISION)
         live = (n < N)[:, None] & (p < P)[None, :]
@@ -112,9 +112,9 @@ if triton is not None:
         """y = ((C B^T) * exp(cs_i - cs_j) [j <= i]) (dt x) + exp(cs) C S + D x for chunk c."""
         c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
         i = tl.arange(0, L)
-        x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
-        Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
-        Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        x = _rows(x_ptr, b, t, T, P, h, H, p)
+        Bt = _rows(B_ptr, b, t, T, N, g, G, n)
+        Ct = _rows(C_ptr, b, t, T, N, g, G, n)
         decay = tl.exp(tl.where(i[:, None] >= i[None, :], cs[:, None] - cs[None, :], float("-inf")))
         scores = (tl.dot(Ct, tl.trans(Bt), input_precision=PRECISION) * decay).to(x.dtype)
         v = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
@@ -130,8 +130,8 @@ if triton is not None:
                              L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """q[c] = sum_i exp(cs_i) C_i^T dy_i  [N, P]: the gradient chunk c's outputs send to its entering state."""
         c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
-        dy = _rows(dy_ptr, b, t, T, P, h, H, p, BLOCK_P)
-        Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        dy = _rows(dy_ptr, b, t, T, P, h, H, p)
+        Ct = _rows(C_ptr, b, t, T, N, g, G, n)
         Ce = (Ct.to(tl.float32) * tl.exp(cs)[:, None]).to(dy.dtype)
         q = tl.dot(tl.trans(Ce), dy, input_precision=PRECISION)
         tl.store(q_ptr + _state_offsets(bh, c, nc, N, P, n, p), q, mask=(n < N)[:, None] & (p < P)[None, :])
@@ -145,10 +145,10 @@ if triton is not None:
         per-head dB and dC (summed over each group's heads afterwards), and this chunk's parts of dA and dD."""
         c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
         i = tl.arange(0, L)
-        x = _rows(x_ptr, b, t, T, P, h, H, p, BLOCK_P)
-        dy = _rows(dy_ptr, b, t, T, P, h, H, p, BLOCK_P)
-        Bt = _rows(B_ptr, b, t, T, N, g, G, n, BLOCK_N)
-        Ct = _rows(C_ptr, b, t, T, N, g, G, n, BLOCK_N)
+        x = _rows(x_ptr, b, t, T, P, h, H, p)
+        dy = _rows(dy_ptr, b, t, T, P, h, H, p)
+        Bt = _rows(B_ptr, b, t, T, N, g, G, n)
+        Ct = _rows(C_ptr, b, t, T, N, g, G, n)
         state_at, state_live = _state_offsets(bh, c, nc, N, P, n, p), (n < N)[:, None] & (p < P)[None, :]
         v = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
 
