@@ -32,7 +32,7 @@ from layers.mixer import MIXERS
 from layers.registry import Registry
 from zoo.checkpoint import write_json
 from zoo.config import load_config
-from zoo.train import train
+from zoo.train import latest_checkpoint, train
 
 REPRODUCTIONS = Registry("reproduction")
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,8 +287,6 @@ def execute(run: Run, out_dir: Path, device: str | None, runner: Callable, resum
     """``run``'s record: its params, folder and status, with its metrics or its failure. With ``resume``, a run
     interrupted after writing a checkpoint continues from it (``resume=true``); otherwise an earlier attempt's
     folder is cleared."""
-    from zoo.train import latest_checkpoint
-
     run_dir = out_dir / run.name
     if resume and latest_checkpoint(run_dir) is not None:
         run = replace(run, overrides=[*run.overrides, "resume=true"])
@@ -643,7 +641,6 @@ def tome(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
     passes when the ``primary`` method is faster than the baseline and loses at most ``max_drop`` points."""
     from zoo.data import create_dataset
     from zoo.models.base import load_pretrained
-    from zoo.train import latest_checkpoint
 
     if options.mixers:
         raise ValueError("tome compares token reductions, not mixers: --mixers does not apply")
@@ -879,7 +876,6 @@ def diffusion_shapes(quick: bool, out_dir: Path, options: SweepOptions) -> dict[
     from zoo.train import load_checkpoint_model
     from zoo.registry import checkpoint_root, split_tag
     from zoo.tasks import create_task
-    from zoo.train import latest_checkpoint
 
     sweep = load_sweep("diffusion-shapes", DiffusionSweep)
     grid = sweep.grid(quick, options)
