@@ -280,18 +280,17 @@ class Mamba2(SelectiveSSMMixer):
     def _chunked(self, *args):
         """The chunked SSD through the kernels or the torch path (``backend``)."""
         x = args[0]
-        if self.backend != "torch":
-            if not ssd_kernel.supports(x, self.chunk_size):
-                if self.backend == "triton":
-                    raise ValueError(f"backend='triton' needs a CUDA float32/bfloat16/float16 input and chunk_size >= 16; "
-                                     f"got a {x.dtype} tensor on {x.device.type} with chunk_size={self.chunk_size}")
-            else:
-                run = lambda: ssd_kernel.fused_ssd(*args, chunk_size=self.chunk_size)
-                if torch.compiler.is_compiling():  # one custom op in the graph; no Python fallback to trace
-                    return run()
-                out = try_kernel("the Mamba-2 SSD kernels", x.dtype, self.backend == "triton", run)
-                if out is not None:
-                    return out
+        kernels = self.backend != "torch" and ssd_kernel.supports(x, self.chunk_size)
+        if self.backend == "triton" and not kernels:
+            raise ValueError(f"backend='triton' needs a CUDA float32/bfloat16/float16 input and chunk_size >= 16; "
+                             f"got a {x.dtype} tensor on {x.device.type} with chunk_size={self.chunk_size}")
+        if kernels:
+            run = lambda: ssd_kernel.fused_ssd(*args, chunk_size=self.chunk_size)
+            if torch.compiler.is_compiling():  # one custom op in the graph; no Python fallback to trace
+                return run()
+            out = try_kernel("the Mamba-2 SSD kernels", x.dtype, self.backend == "triton", run)
+            if out is not None:
+                return out
         return ssd_chunked(*args, chunk_size=self.chunk_size)
 
     def init_state(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> State:

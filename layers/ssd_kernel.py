@@ -299,5 +299,5 @@ def fused_ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     :func:`supports`."""
     cast = lambda t, dtype: None if t is None else t.to(dtype).contiguous()
     return _ssd_forward(x.contiguous(), cast(dt, torch.float32), cast(A, torch.float32), cast(B, x.dtype),
-                        cast(C, x.dtype), cast(D, D.dtype if D is not None else None), cast(initial_state, torch.float32),
+                        cast(C, x.dtype), None if D is None else D.contiguous(), cast(initial_state, torch.float32),
                         chunk_size)

@@ -343,7 +343,8 @@ def run_sweep(runs: list[Run], out_dir: Path, options: SweepOptions) -> list[dic
             for future in as_completed([pool.submit(on_a_slot, run) for run in todo]):
                 keep(future.result())
         except KeyboardInterrupt:  # stop here: report the runs that finished (--resume runs the rest later)
-            warnings.warn(f"interrupted: {len(records)} of {len(runs)} runs finished; the report covers those")
+            finished = sum(run.name in records for run in runs)
+            warnings.warn(f"interrupted: {finished} of {len(runs)} runs finished; the report covers those")
         finally:  # start no further runs
             pool.shutdown(cancel_futures=True)
     names = [run.name for run in runs]
