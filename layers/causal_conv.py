@@ -8,6 +8,11 @@ Padding masks are handled by *packing*: each sequence's real tokens are moved to
 stable gather), so padding always trails. The conv then never sees padding between real tokens,
 a sequence's cache is its last K-1 real inputs (gathered at its length), and a recurrence whose
 padded steps are the identity ends on the state of the last real token.
+
+Under torch.compile the conv is written as K shifted multiply-adds, which inductor fuses into one pointwise
+kernel (and its backward into a few): on an H200 at [2, 1792, 16384] bf16, fwd+bwd took 0.74 ms against
+2.52 ms for the compiled ``F.conv1d`` (cuDNN's depthwise kernels). Eagerly the K separate passes are slower
+(3.85 ms), so eager calls keep ``F.conv1d``.
 """
 from __future__ import annotations
 
@@ -28,11 +33,22 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     K = weight.shape[-1]
     cache = x.new_zeros(B, C, K - 1) if cache is None else cache.to(x.dtype)
     xp = torch.cat([cache, x], dim=-1)  # [B, C, K-1+T]
-    y = F.conv1d(xp, weight, bias, groups=C)
+    y = shifted_conv1d(xp, weight, bias) if torch.compiler.is_compiling() else F.conv1d(xp, weight, bias, groups=C)
     if lengths is None:
         return y, xp[..., xp.shape[-1] - (K - 1):]
     idx = lengths[:, None] + torch.arange(K - 1, device=x.device)  # positions len .. len+K-2 of xp
     return y, xp.gather(-1, idx[:, None, :].expand(-1, C, -1))
+
+
+def shifted_conv1d(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv1d(xp, weight, bias, groups=C)`` (no padding) as a sum of K shifted, per-channel scaled views, in
+    xp's dtype: the weights are cast to it, as autocast casts a conv's weights (a float32 weight times bfloat16
+    activations would otherwise promote everything after the conv to float32)."""
+    K = weight.shape[-1]
+    T = xp.shape[-1] - K + 1
+    weight = weight.to(xp.dtype)
+    y = sum(weight[:, :, k] * xp[..., k:k + T] for k in range(K))
+    return y if bias is None else y + bias.to(xp.dtype)[:, None]
 
 
 def pack_real_tokens(x: torch.Tensor, mask: torch.Tensor):

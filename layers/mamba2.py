@@ -27,7 +27,9 @@ masks: as :mod:`layers.mamba`.
 ``backend``: ``auto`` runs the chunked SSD as Triton kernels (:mod:`layers.ssd_kernel`, forward and backward)
 where they run (CUDA, float32 / bfloat16 / float16, chunks of >= 16 tokens), falling back to
 :func:`ssd_chunked` with a warning if they fail at call time; ``triton`` requires them (errors propagate);
-``torch`` always runs :func:`ssd_chunked`. Decoding steps always run :func:`ssd_step`.
+``torch`` always runs :func:`ssd_chunked`. Decoding steps always run :func:`ssd_step`. On an H200 the layer's
+fwd+bwd at [2, 16384, 768] (bf16 autocast) took 6.3 ms with the kernels against 8.5 ms on the torch path, both
+compiled, and 10.4 against 26.5 ms eagerly (``docs/benchmarks/ssd_kernels_gpu.md``).
 """
 from __future__ import annotations
 
