@@ -16,9 +16,13 @@
     size (every tensor in the nested state); target: >= 5x the attention model's eager tokens/s at 16k, with
     flat memory.
 
+(d) The Mamba-2 layer (``layers.Mamba2``, dim 768 at [2, 16384], bf16 autocast): fwd+bwd with the SSD on the
+    torch path (``backend="torch"``) and on our Triton kernels (``backend="triton"``), each eager and
+    torch.compile'd; torch/triton time per mode (the layer's conv, projections and norm included).
+
 Out-of-memory and other failures are reported in their row (``error``); the run goes on.
 
-    python scripts/bench_ssm_gpu.py [--out DIR] [--only scans|training|decoding] [--batch lm-125m=2] [--compile]
+    python scripts/bench_ssm_gpu.py [--out DIR] [--only scans|training|decoding|layer] [--batch lm-125m=2] [--compile]
     python scripts/bench_ssm_gpu.py --smoke --out DIR   # CPU, tiny sizes, torch paths only
 """
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 
 from layers.linear_attention import call_fla, fla_available
 from layers.mamba import selective_scan_chunked, selective_scan_ref
-from layers.mamba2 import ssd_chunked, ssd_recurrent_ref
+from layers.mamba2 import Mamba2, ssd_chunked, ssd_recurrent_ref
 from layers.ssd_kernel import fused_ssd, triton
 from bench_spine_gpu import train_step
 from zoo.bench import DECODE_MODES, decode_modes, decode_throughput, markdown_table, median_ms, release, write_report
@@ -60,14 +64,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                 # without recomputation both SSM LMs ran out of memory at 16k on a 139 GB H200
                 train_options={"lm-125m-mamba2": {"grad_checkpointing": True}, "lm-125m-mamba": {"grad_checkpointing": True}},
                 train_warmup=2, train_steps=5, autocast=torch.bfloat16, decode_batch=8, contexts=(1024, 4096, 16384),
-                decode_steps=64, prefill_piece=1024, decode_models=("lm-125m", "lm-125m-mamba2", "lm-125m-mamba")),
+                decode_steps=64, prefill_piece=1024, decode_models=("lm-125m", "lm-125m-mamba2", "lm-125m-mamba"),
+                layer=dict(batch=2, seq_len=16384, dim=768), layer_timing=(3, 10), layer_compiled=(False, True)),
     "smoke": dict(device="cpu", dtype=torch.float32, seq_lens=(32, 64), timing={"fast": (0, 1), "slow": (0, 1)},
                   shapes={"mamba2": dict(batch=1, nheads=2, headdim=8, d_state=8, ngroups=1),
                           "mamba": dict(batch=1, d_inner=16, d_state=4)},
                   train_batches={"lm-tiny": 1, "lm-tiny-mamba2": 1}, train_seq_len=64, train_warmup=0, train_steps=1,
                   train_options={"lm-tiny-mamba2": {"grad_checkpointing": True}},
                   autocast=None, decode_batch=1, contexts=(16, 32), decode_steps=2, prefill_piece=16,
-                  decode_models=("lm-tiny", "lm-tiny-mamba2")),
+                  decode_models=("lm-tiny", "lm-tiny-mamba2"), layer=dict(batch=1, seq_len=48, dim=32),
+                  layer_timing=(0, 1), layer_compiled=(False,)),  # eager only: inductor's CPU compile takes ~15 s
 }
 
 
@@ -308,6 +314,49 @@ def decoding_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# --- (d) the Mamba-2 layer -----------------------------------------------------------------------------
+
+LAYER_BACKENDS = ("torch", "triton")
+
+
+def layer_row(backend: str, compiled: bool, p: dict[str, Any]) -> dict[str, Any]:
+    """Median fwd+bwd ms of ``Mamba2(dim, backend=backend)`` on a fixed batch, eager or compiled."""
+    device, s = torch.device(p["device"]), p["layer"]
+    row = {"section": "layer", "backend": backend, "compiled": compiled, **s, "fwd_bwd_ms": None,
+           "error": triton_unavailable(device) if backend == "triton" else None}
+    autocast = (lambda: torch.autocast(device.type, dtype=p["autocast"])) if p["autocast"] else nullcontext
+
+    def measure() -> dict[str, Any]:
+        torch.manual_seed(0)
+        layer = Mamba2(s["dim"], s["dim"] // 64 or 1, backend=backend).to(device)
+        forward = torch.compile(layer) if compiled else layer
+        u = torch.randn(s["batch"], s["seq_len"], s["dim"], device=device, requires_grad=True)
+
+        def run():
+            with autocast():
+                out = forward(u)
+            out.float().square().mean().backward()
+
+        return {"fwd_bwd_ms": median_ms(run, device, *p["layer_timing"], lambda: None)}
+
+    if row["error"] is None:
+        row = guarded(row, device, measure)
+    say(f"layer mamba2 {backend:<7} {'compiled' if compiled else 'eager':<9}"
+        + (f"{row['fwd_bwd_ms']:10.3f} ms" if row["fwd_bwd_ms"] is not None else row["error"]))
+    return row
+
+
+def layer_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
+    return [layer_row(backend, compiled, p) for compiled in p["layer_compiled"] for backend in LAYER_BACKENDS]
+
+
+def layer_summary(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """torch / triton fwd+bwd time, per mode (eager, compiled)."""
+    ms = {(r["backend"], r["compiled"]): r["fwd_bwd_ms"] for r in rows}
+    return {("compiled" if compiled else "eager"): ratio(ms[("torch", compiled)], ms[("triton", compiled)])
+            for compiled in dict.fromkeys(r["compiled"] for r in rows)}
+
+
 # --- report ---------------------------------------------------------------------------------------------
 
 
@@ -361,6 +410,16 @@ def markdown(report: dict[str, Any]) -> str:
                       (s["model"], s["mode"], *[fmt(s["ratio_by_context"][c]) for c in d["contexts"]],
                        f"{fmt(s['memory_growth'], '.3f')} ({s['memory_measure']})", yes_no(s["meets_target"]))
                       for s in d["summary"][1:]))]
+    if "layer" in report:
+        lay = report["layer"]
+        shape = lay["rows"][0]
+        parts += [f"## The Mamba-2 layer (dim {shape['dim']}, batch {shape['batch']}, T = {shape['seq_len']}, "
+                  f"autocast {lay['autocast']}, fwd+bwd)\n",
+                  markdown_table(("backend", "mode", "fwd+bwd ms", "error"), (
+                      (r["backend"], "compiled" if r["compiled"] else "eager", fmt(r["fwd_bwd_ms"], ".3f"), r["error"] or "")
+                      for r in lay["rows"])),
+                  "torch/triton (the kernels' speed-up): " + ", ".join(
+                      f"{mode} {fmt(x)}" for mode, x in lay["summary"].items()) + "\n"]
     return "\n".join(parts)
 
 
@@ -368,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, torch paths only: check the script runs")
-    parser.add_argument("--only", choices=("scans", "training", "decoding"), help="run one section")
+    parser.add_argument("--only", choices=("scans", "training", "decoding", "layer"), help="run one section")
     parser.add_argument("--batch", action="append", default=[], metavar="MODEL=B", help="training batch of a model (repeatable)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models in the training section")
     args = parser.parse_args(argv)
@@ -397,6 +456,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         rows = decoding_rows(p)
         report["decoding"] = {"batch": p["decode_batch"], "steps": p["decode_steps"], "contexts": list(p["contexts"]),
                               "rows": rows, "summary": decoding_summary(rows)}
+    if args.only in (None, "layer"):
+        rows = layer_rows(p)
+        report["layer"] = {"autocast": str(p["autocast"]), "rows": rows, "summary": layer_summary(rows)}
     return write_report(report, args.out, "ssm_gpu" if not args.only else f"ssm_gpu_{args.only}", markdown)
 
 

@@ -59,6 +59,16 @@ def test_ssm_training_and_decoding_rows(ssm):
     assert "## Training" in md and "## Decoding" in md
 
 
+def test_ssm_layer_rows(ssm):
+    script, report, md = ssm
+    rows = report["layer"]["rows"]
+    assert [(r["backend"], r["compiled"]) for r in rows] == [(b, False) for b in script.LAYER_BACKENDS]
+    torch_row, triton_row = rows
+    assert torch_row["error"] is None and torch_row["fwd_bwd_ms"] > 0
+    assert triton_row["fwd_bwd_ms"] is None and triton_row["error"] == "our SSD kernels need CUDA and Triton"
+    assert report["layer"]["summary"] == {"eager": None} and "## The Mamba-2 layer" in md
+
+
 def test_state_bytes_walk_nested_states():
     from zoo.bench import tensor_bytes
 
