@@ -60,17 +60,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(device="cuda", dtype=torch.bfloat16, seq_lens=(1024, 4096), timing={"fast": (3, 10), "slow": (1, 3)},
                 shapes={"mamba2": dict(batch=4, nheads=24, headdim=64, d_state=128, ngroups=1),
                         "mamba": dict(batch=2, d_inner=1536, d_state=16)},
-                train_batches={"lm-125m": 2, "lm-125m-mamba2": 2, "lm-125m-mamba": 1}, train_seq_len=16384,
-                # without recomputation both SSM LMs ran out of memory at 16k on a 139 GB H200
-                train_options={"lm-125m-mamba2": {"grad_checkpointing": True}, "lm-125m-mamba": {"grad_checkpointing": True}},
+                # (model, batch, create_model overrides). On the torch paths both SSM LMs ran out of memory at 16k
+                # on a 139 GB H200 without recomputation; the SSD kernels keep no chunk-sized intermediates, so
+                # lm-125m-mamba2 is also tried without it (an out-of-memory shows in its row).
+                train_runs=(("lm-125m", 2, {}), ("lm-125m-mamba2", 2, {}), ("lm-125m-mamba2", 2, {"grad_checkpointing": True}),
+                            ("lm-125m-mamba", 1, {"grad_checkpointing": True})), train_seq_len=16384,
                 train_warmup=2, train_steps=5, autocast=torch.bfloat16, decode_batch=8, contexts=(1024, 4096, 16384),
                 decode_steps=64, prefill_piece=1024, decode_models=("lm-125m", "lm-125m-mamba2", "lm-125m-mamba"),
                 layer=dict(batch=2, seq_len=16384, dim=768), layer_timing=(3, 10), layer_compiled=(False, True)),
     "smoke": dict(device="cpu", dtype=torch.float32, seq_lens=(32, 64), timing={"fast": (0, 1), "slow": (0, 1)},
                   shapes={"mamba2": dict(batch=1, nheads=2, headdim=8, d_state=8, ngroups=1),
                           "mamba": dict(batch=1, d_inner=16, d_state=4)},
-                  train_batches={"lm-tiny": 1, "lm-tiny-mamba2": 1}, train_seq_len=64, train_warmup=0, train_steps=1,
-                  train_options={"lm-tiny-mamba2": {"grad_checkpointing": True}},
+                  train_runs=(("lm-tiny", 1, {}), ("lm-tiny-mamba2", 1, {}), ("lm-tiny-mamba2", 1, {"grad_checkpointing": True})),
+                  train_seq_len=64, train_warmup=0, train_steps=1,
                   autocast=None, decode_batch=1, contexts=(16, 32), decode_steps=2, prefill_piece=16,
                   decode_models=("lm-tiny", "lm-tiny-mamba2"), layer=dict(batch=1, seq_len=48, dim=32),
                   layer_timing=(0, 1), layer_compiled=(False,)),  # eager only: inductor's CPU compile takes ~15 s
@@ -246,27 +248,32 @@ def training_row(name: str, batch: int, p: dict[str, Any], compile: bool, **over
     return {**counts, "step_ms": step_ms, "tokens_per_s": batch * p["train_seq_len"] / (step_ms / 1e3)}
 
 
+def run_label(name: str, overrides: dict[str, Any]) -> str:
+    """The model's name and its overrides, e.g. ``lm-125m-mamba2 grad_checkpointing=True``."""
+    return " ".join([name, *(f"{key}={value}" for key, value in overrides.items())])
+
+
 def training_result(name: str, batch: int, p: dict[str, Any], compile: bool, **overrides: Any) -> dict[str, Any]:
     """One training row (its error in ``error``), printed."""
-    row = {"section": "training", "model": name, "overrides": overrides, "batch": batch, "seq_len": p["train_seq_len"],
+    row = {"section": "training", "model": name, "run": run_label(name, overrides), "overrides": overrides,
+           "batch": batch, "seq_len": p["train_seq_len"],
            "compile": compile, "autocast": str(p["autocast"]), "params": None, "active_params": None, "step_ms": None,
            "tokens_per_s": None, "peak_mb": None, "error": None}
     guarded(row, torch.device(p["device"]), lambda: training_row(name, batch, p, compile, **overrides))
-    say(f"training {name:<16} B={batch} T={p['train_seq_len']} " + (
+    say(f"training {row['run']:<16} B={batch} T={p['train_seq_len']} " + (
         f"{row['tokens_per_s']:10,.0f} tok/s  step {row['step_ms']:.1f} ms  peak {fmt(row['peak_mb'], ',.0f')} MB"
         if row["error"] is None else row["error"]))
     return row
 
 
 def training_rows(p: dict[str, Any], compile: bool) -> list[dict[str, Any]]:
-    return [training_result(name, batch, p, compile, **p["train_options"].get(name, {}))
-            for name, batch in p["train_batches"].items()]
+    return [training_result(name, batch, p, compile, **overrides) for name, batch, overrides in p["train_runs"]]
 
 
 def versus_base(rows: list[dict[str, Any]], key: str) -> dict[str, float | None]:
-    """``key`` of each later row's model over the first row's (the attention model), by model."""
+    """``key`` of each later row over the first row's (the attention model), by run label."""
     base = rows[0]
-    return {r["model"]: ratio(r.get(key), base.get(key)) for r in rows[1:]}
+    return {r["run"]: ratio(r.get(key), base.get(key)) for r in rows[1:]}
 
 
 # --- (c) decoding ---------------------------------------------------------------------------------------
@@ -391,9 +398,9 @@ def markdown(report: dict[str, Any]) -> str:
         parts += [f"## Training at T = {t['seq_len']} (autocast {t['rows'][0]['autocast']}, AdamW, "
                   f"compile={t['compile']})\n",
                   f"tokens/s over {t['rows'][0]['model']}'s (target >= {TRAIN_TARGET}).\n",
-                  markdown_table(("model", "batch", "params", "ms/step", "tokens/s", "peak MB", "vs attention", "error"), (
-                      (r["model"], r["batch"], fmt(r["params"], ",d"), fmt(r["step_ms"], ".1f"),
-                       fmt(r["tokens_per_s"], ",.0f"), fmt(r["peak_mb"], ",.0f"), fmt(t["ratios"].get(r["model"])),
+                  markdown_table(("run", "batch", "params", "ms/step", "tokens/s", "peak MB", "vs attention", "error"), (
+                      (r["run"], r["batch"], fmt(r["params"], ",d"), fmt(r["step_ms"], ".1f"),
+                       fmt(r["tokens_per_s"], ",.0f"), fmt(r["peak_mb"], ",.0f"), fmt(t["ratios"].get(r["run"])),
                        r["error"] or "") for r in t["rows"]))]
     if "decoding" in report:
         d = report["decoding"]
@@ -428,11 +435,13 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, torch paths only: check the script runs")
     parser.add_argument("--only", choices=("scans", "training", "decoding", "layer"), help="run one section")
-    parser.add_argument("--batch", action="append", default=[], metavar="MODEL=B", help="training batch of a model (repeatable)")
+    parser.add_argument("--batch", action="append", default=[], metavar="MODEL=B",
+                        help="training batch of every run of a model (repeatable)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models in the training section")
     args = parser.parse_args(argv)
     p = dict(PRESETS["smoke" if args.smoke else "gpu"])
-    p["train_batches"] = {**p["train_batches"], **{k: int(v) for k, v in (item.split("=", 1) for item in args.batch)}}
+    batches = {k: int(v) for k, v in (item.split("=", 1) for item in args.batch)}
+    p["train_runs"] = tuple((name, batches.get(name, batch), overrides) for name, batch, overrides in p["train_runs"])
     if p["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available: run this on the GPU machine, or pass --smoke for the CPU check")
     device_name = torch.cuda.get_device_name() if p["device"] == "cuda" else "cpu"

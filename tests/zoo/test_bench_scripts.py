@@ -45,10 +45,11 @@ def test_ssm_scans_time_every_case_impl_and_length(ssm):
 def test_ssm_training_and_decoding_rows(ssm):
     _, report, md = ssm
     training = report["training"]
-    assert [r["model"] for r in training["rows"]] == ["lm-tiny", "lm-tiny-mamba2"]
+    assert [r["run"] for r in training["rows"]] == ["lm-tiny", "lm-tiny-mamba2", "lm-tiny-mamba2 grad_checkpointing=True"]
     assert all(r["error"] is None and r["tokens_per_s"] > 0 and r["params"] == r["active_params"] > 0
                for r in training["rows"])
-    assert training["ratios"]["lm-tiny-mamba2"] > 0
+    assert training["ratios"].keys() == {"lm-tiny-mamba2", "lm-tiny-mamba2 grad_checkpointing=True"}
+    assert all(x > 0 for x in training["ratios"].values())
     decoding = report["decoding"]
     by = {(r["model"], r["context"]): r for r in decoding["rows"]}
     assert all(r["error"] is None and r["tokens_per_s"] > 0 and r["peak_decode_mb"] is None for r in decoding["rows"])
