@@ -24,8 +24,8 @@ tokens, 24 heads of 64, d_state 128, bf16, 1.7 ms against 9.7 ms for the eager t
 layer 6.3 ms against 8.5 ms with the compiled torch path.
 
 Dots run in the inputs' dtype with float32 accumulation (exact float32 for float32 inputs); decays, the scans'
-running states and every accumulation are float32. The per-chunk states the scans hand to
-the output and backward kernels are stored in the inputs' dtype, the dtype their dots read them in.
+running states and every accumulation are float32. The per-chunk states the scans hand to the output and
+backward kernels are stored in the inputs' dtype, the dtype their dots read them in.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests' float32 and float16 checks).
 """
