@@ -1,6 +1,7 @@
 """Mamba (``mamba``) against independent references: the token-by-token selective scan
 (``selective_scan_ref``, as mamba-ssm's) and the block written out one sequence at a time with an
-explicitly left-padded conv.
+explicitly left-padded conv. Both fast scans (chunked, and sequential with its hand-written backward) are
+checked against the reference, alone and inside the mixer.
 
 Tolerances (``mixer_checks``): float32 1e-5 of ``max(1, max|expected|)`` for outputs, states and
 gradients; bfloat16 weights: ``BF16_TOL`` = 3e-2 against the float32 reference on the same
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.mamba import Mamba, selective_scan_chunked, selective_scan_ref, selective_state_update
+import layers.mamba
+from layers.mamba import (Mamba, selective_scan_chunked, selective_scan_ref, selective_scan_sequential,
+                          selective_state_update)
 from mixer_checks import (BF16_TOL, assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph,
                           check_decoding_after_masked_prefill, check_fully_padded_rows, check_grads_match,
                           check_input_errors, check_mixer_matches_reference_grads,
@@ -38,9 +41,13 @@ def scan_inputs(batch, d, T, N, requires_grad=True):
     return {k: v.requires_grad_(requires_grad) for k, v in t.items()}
 
 
+FAST_SCANS = {"chunked": lambda **a: selective_scan_chunked(**a, chunk_size=8), "sequential": selective_scan_sequential}
+
+
+@pytest.mark.parametrize("scan", list(FAST_SCANS))
 @pytest.mark.parametrize("T", [1, 7, 16, 37])
 @pytest.mark.parametrize("optional", [True, False], ids=["all-options", "plain"])
-def test_chunked_scan_matches_reference_forward_and_grads(T, optional):
+def test_fast_scans_match_reference_forward_and_grads(scan, T, optional):
     inputs = scan_inputs(2, 5, T, 4)
     if not optional:  # no D, z, bias, softplus or initial state (delta must then be positive)
         inputs = {k: inputs[k] for k in ("u", "delta", "A", "B", "C")}
@@ -48,7 +55,7 @@ def test_chunked_scan_matches_reference_forward_and_grads(T, optional):
     kw = {"delta_softplus": optional}
     dy = torch.randn(2, 5, T)
     results = []
-    for fn in (selective_scan_ref, lambda **a: selective_scan_chunked(**a, chunk_size=8)):
+    for fn in (selective_scan_ref, FAST_SCANS[scan]):
         y, h = fn(**inputs, **kw)
         ((y * dy).sum() + h.pow(2).sum()).backward()
         results.append((y, h, {k: v.grad.clone() for k, v in inputs.items()}))
@@ -62,16 +69,32 @@ def test_chunked_scan_matches_reference_forward_and_grads(T, optional):
         assert_close(g1[k], g0[k], msg=f"grad of {k}")
 
 
-def test_scan_strong_decay_is_finite():
+@pytest.mark.parametrize("scan", list(FAST_SCANS))
+def test_scan_strong_decay_is_finite(scan):
     """Cumulative log decays far below -88 inside a chunk (exp would underflow / its inverse overflow)."""
-    inputs = scan_inputs(1, 3, 64, 4, requires_grad=False)
-    inputs["A"] = torch.full((3, 4), -50.0)
-    inputs["delta"] = inputs["delta"].abs() + 0.5
-    y_ref, h_ref = selective_scan_ref(**inputs)
-    y, h = selective_scan_chunked(**inputs, chunk_size=64)
-    assert torch.isfinite(y).all()
-    assert_close(y, y_ref)
-    assert_close(h, h_ref)
+    inputs = scan_inputs(1, 3, 64, 4)
+    inputs["A"] = torch.full((3, 4), -50.0, requires_grad=True)
+    inputs["delta"] = (inputs["delta"].detach().abs() + 0.5).requires_grad_()
+    dy = torch.randn(1, 3, 64)
+    results = []
+    for fn in (selective_scan_ref, FAST_SCANS[scan]):
+        y, h = fn(**inputs)
+        grads = torch.autograd.grad((y * dy).sum() + h.sum(), list(inputs.values()))
+        assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+        results.append((y, h, *grads))
+    for got, want in zip(*results[::-1]):
+        assert_close(got, want)
+
+
+def test_sequential_scan_under_autocast_stays_float32():
+    """The sequential scan's matmuls are autocast-eligible; it must not run them in bfloat16."""
+    inputs = scan_inputs(2, 6, 21, 5, requires_grad=False)
+    want = selective_scan_ref(**inputs, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = selective_scan_sequential(**inputs, delta_softplus=True)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    for g, w in zip(got, want):
+        assert_close(g, w)
 
 
 def test_state_update_is_one_scan_step():
@@ -117,8 +140,9 @@ def make_mixer(dim, num_heads=2, dtype=torch.float32, **kwargs) -> Mamba:
 
 
 SHAPES = [(1, 1, 32, 2), (2, 7, 48, 3), (2, 33, 32, 4), (1, 70, 16, 1)]
-VARIANTS = {
+VARIANTS = {  # on CPU "auto" takes the sequential scan; "chunked-scan" keeps the chunked one tested in the mixer
     "default": {},
+    "chunked-scan": {"scan": "chunked"},
     "small": {"d_state": 4, "d_conv": 2, "expand": 1.5, "dt_rank": 3, "bias": True, "chunk_size": 8},
     "no-conv-memory": {"d_conv": 1, "conv_bias": False, "dt_min": 0.05, "dt_max": 2.0},  # strong decays
 }
@@ -142,9 +166,10 @@ def test_defaults_follow_mamba_ssm():
     assert "d_state=16" in repr(m)
 
 
-def test_backward_matches_reference():
+@pytest.mark.parametrize("scan", ["chunked", "sequential"])
+def test_backward_matches_reference(scan):
     B, T, D = 3, 37, 32
-    m = make_mixer(D, 2, bias=True)
+    m = make_mixer(D, 2, bias=True, scan=scan)
     mask = padding_mask([37, 20, 5], T, "left")
     x0, dy = torch.randn(B, T, D), torch.randn(B, T, D)
     want = check_mixer_matches_reference_grads(m, reference_mamba_module, x0, dy, mask)
@@ -187,9 +212,10 @@ def test_prefill_gradient_matches_forward():
     check_prefill_gradient(m, x0, dy, "dt_proj.bias")
 
 
+@pytest.mark.parametrize("scan", ["chunked", "sequential"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_mask_equals_running_alone(side):
-    m = make_mixer(32, chunk_size=8)
+def test_padding_mask_equals_running_alone(side, scan):
+    m = make_mixer(32, chunk_size=8, scan=scan)
     x, mask = check_padding_equals_alone_and_reference(m, reference_mamba_module, side, state_keys=STATE_KEYS)
     check_decoding_after_masked_prefill(m, x, mask)
 
@@ -215,6 +241,20 @@ def test_compile_fullgraph():
     m = make_mixer(16, chunk_size=8)
     x = torch.randn(2, 19, 16)
     check_compile_fullgraph(m, x, [None, padding_mask([19, 6], 19, "right")])
+
+
+def test_auto_scan_is_sequential_on_eager_cpu_and_chunked_when_compiled(monkeypatch):
+    calls = []
+    for name in ("selective_scan_chunked", "selective_scan_sequential"):
+        scan = getattr(layers.mamba, name)
+        monkeypatch.setattr(layers.mamba, name, lambda *a, _scan=scan, _name=name, **k: calls.append(_name) or _scan(*a, **k))
+    m, x = make_mixer(32, chunk_size=8), torch.randn(2, 11, 32)  # state 2 x 64 x 16 > SEQUENTIAL_MIN_STATE
+    m(x)
+    torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    m(x[:1, :, :])  # state 1 x 64 x 16: the break-even size, chunked
+    assert calls == ["selective_scan_sequential", "selective_scan_chunked", "selective_scan_chunked"]
+    u = torch.randn(1, 64, 5)
+    assert make_mixer(32, scan="sequential")._sequential(u) and not make_mixer(32, scan="chunked")._sequential(x)
 
 
 # --- precision ----------------------------------------------------------------------------------------------
@@ -283,7 +323,7 @@ def test_dt_bias_init_survives_generic_reinit():
 @pytest.mark.parametrize("kwargs,name", [
     ({"d_state": 0}, "d_state"), ({"d_conv": 0}, "d_conv"), ({"d_conv": -2}, "d_conv"), ({"expand": 0}, "expand"),
     ({"dt_rank": 0}, "dt_rank"), ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min"), ({"dt_scale": 0}, "dt_scale"),
-    ({"chunk_size": 48}, "chunk_size"), ({"causal": False}, "causal=False"),
+    ({"chunk_size": 48}, "chunk_size"), ({"causal": False}, "causal=False"), ({"scan": "parallel"}, "scan"),
 ])
 def test_bad_options(kwargs, name):
     with pytest.raises(ValueError, match=name):

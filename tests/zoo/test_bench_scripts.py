@@ -1,5 +1,5 @@
-"""The state-space, mixer and mixture-of-experts GPU benchmark scripts: their --smoke runs on CPU write complete
-reports."""
+"""The state-space, mixer and mixture-of-experts GPU benchmark scripts and the Mamba CPU benchmark: their --smoke
+runs write complete reports."""
 import json
 
 import pytest
@@ -142,3 +142,19 @@ def test_scripts_refuse_to_run_without_cuda(monkeypatch, tmp_path):
     for name in ("bench_ssm_gpu", "bench_moe_gpu", "bench_mixers_gpu"):
         with pytest.raises(SystemExit, match="CUDA is not available"):
             load_script(name).main(["--out", str(tmp_path)])
+
+
+def test_mamba_cpu_benchmark_times_every_scan_and_both_training_steps(tmp_path):
+    script = load_script("bench_mamba_cpu")
+    paths = script.main(["--smoke", "--out", str(tmp_path)])
+    report, md = json.loads(paths["json"].read_text()), paths["md"].read_text()
+    shapes = script.PRESETS["smoke"]["shapes"]
+    assert [(r["batch"], r["d_inner"], r["seq_len"], r["d_state"], r["scan"]) for r in report["scans"]] == [
+        (*shape, scan) for shape in shapes for scan in script.SCANS]
+    for r in report["scans"]:  # the reference is skipped past ref_max_len, and says why
+        skipped = r["scan"] == "reference" and r["seq_len"] > script.PRESETS["smoke"]["ref_max_len"]
+        assert (r["fwd_bwd_ms"] is None) == skipped and (r["skipped"] is not None) == skipped
+        assert skipped or r["fwd_bwd_ms"] > 0
+    assert [r["scan"] for r in report["training"]] == ["chunked", "sequential"]
+    assert all(r["step_ms"] > 0 and r["samples_per_s"] > 0 for r in report["training"])
+    assert "| 1 | 8 | 40 | 4 | skipped |" in md and "chunked/sequential step time" in md
