@@ -44,7 +44,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.autograd.function import once_differentiable
 
 from layers.causal_conv import causal_conv1d, pack_real_tokens, unpack_real_tokens
