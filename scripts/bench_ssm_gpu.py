@@ -23,6 +23,7 @@
 Out-of-memory and other failures are reported in their row (``error``); the run goes on.
 
     python scripts/bench_ssm_gpu.py [--out DIR] [--only scans|training|decoding|layer] [--batch lm-125m=2] [--compile]
+                                    [--models lm-125m-mamba2]   # training runs of these models (and the base) only
     python scripts/bench_ssm_gpu.py --smoke --out DIR   # CPU, tiny sizes, torch paths only
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from layers.linear_attention import call_fla, fla_available
 from layers.mamba import selective_scan_chunked, selective_scan_ref
 from layers.mamba2 import Mamba2, ssd_chunked, ssd_recurrent_ref
+from layers.registry import close_matches
 from layers.ssd_kernel import fused_ssd, triton
 from bench_spine_gpu import train_step
 from zoo.bench import DECODE_MODES, decode_modes, decode_throughput, markdown_table, median_ms, release, write_report
@@ -266,6 +268,17 @@ def training_result(name: str, batch: int, p: dict[str, Any], compile: bool, **o
     return row
 
 
+def select_train_runs(runs: tuple, models: list[str]) -> tuple:
+    """The base run (the first: the attention model) and the runs of ``models``; unknown names are an error."""
+    known = dict.fromkeys(name for name, _, _ in runs)
+    for name in models:
+        if name not in known:
+            matches = close_matches(name, known)
+            raise ValueError(f"--models: {name!r} has no training run here; runs exist for {', '.join(known)}"
+                             + (f" (did you mean {' or '.join(matches)}?)" if matches else ""))
+    return runs[:1] + tuple(run for run in runs[1:] if run[0] in models)
+
+
 def training_rows(p: dict[str, Any], compile: bool) -> list[dict[str, Any]]:
     return [training_result(name, batch, p, compile, **overrides) for name, batch, overrides in p["train_runs"]]
 
@@ -438,10 +451,14 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--batch", action="append", default=[], metavar="MODEL=B",
                         help="training batch of every run of a model (repeatable)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models in the training section")
+    parser.add_argument("--models", type=lambda s: s.split(","), default=None, metavar="MODEL[,MODEL]",
+                        help="training runs of these models only (the attention model, the ratios' base, always runs)")
     args = parser.parse_args(argv)
     p = dict(PRESETS["smoke" if args.smoke else "gpu"])
     batches = {k: int(v) for k, v in (item.split("=", 1) for item in args.batch)}
     p["train_runs"] = tuple((name, batches.get(name, batch), overrides) for name, batch, overrides in p["train_runs"])
+    if args.models is not None:
+        p["train_runs"] = select_train_runs(p["train_runs"], args.models)
     if p["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available: run this on the GPU machine, or pass --smoke for the CPU check")
     device_name = torch.cuda.get_device_name() if p["device"] == "cuda" else "cpu"

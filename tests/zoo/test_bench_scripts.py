@@ -144,6 +144,17 @@ def test_scripts_refuse_to_run_without_cuda(monkeypatch, tmp_path):
             load_script(name).main(["--out", str(tmp_path)])
 
 
+def test_ssm_training_runs_can_be_narrowed_to_some_models(tmp_path):
+    script = load_script("bench_ssm_gpu")
+    runs = script.PRESETS["smoke"]["train_runs"]
+    assert script.select_train_runs(runs, []) == runs[:1]
+    assert script.select_train_runs(runs, ["lm-tiny-mamba2"]) == runs
+    with pytest.raises(ValueError, match=r"--models: 'lm-tiny-mamba' .*did you mean lm-tiny-mamba2"):
+        script.select_train_runs(runs, ["lm-tiny-mamba"])
+    paths = script.main(["--smoke", "--only", "training", "--models", "lm-tiny", "--out", str(tmp_path)])
+    assert [r["run"] for r in json.loads(paths["json"].read_text())["training"]["rows"]] == ["lm-tiny"]
+
+
 def test_mamba_cpu_benchmark_times_every_scan_and_both_training_steps(tmp_path):
     script = load_script("bench_mamba_cpu")
     paths = script.main(["--smoke", "--out", str(tmp_path)])
