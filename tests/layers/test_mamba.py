@@ -251,10 +251,10 @@ def test_auto_scan_is_sequential_on_eager_cpu_and_chunked_when_compiled(monkeypa
     m, x = make_mixer(32, chunk_size=8), torch.randn(2, 11, 32)  # state 2 x 64 x 16 > SEQUENTIAL_MIN_STATE
     m(x)
     torch.compile(m, backend="aot_eager", fullgraph=True)(x)
-    m(x[:1, :, :])  # state 1 x 64 x 16: the break-even size, chunked
+    m(x[:1])  # state 1 x 64 x 16: the break-even size, chunked
     assert calls == ["selective_scan_sequential", "selective_scan_chunked", "selective_scan_chunked"]
-    u = torch.randn(1, 64, 5)
-    assert make_mixer(32, scan="sequential")._sequential(u) and not make_mixer(32, scan="chunked")._sequential(x)
+    small, large = torch.randn(1, 64, 5), torch.randn(4, 64, 5)  # u [B, d_inner, T]
+    assert make_mixer(32, scan="sequential")._sequential(small) and not make_mixer(32, scan="chunked")._sequential(large)
 
 
 # --- precision ----------------------------------------------------------------------------------------------
