@@ -14,8 +14,9 @@ in three kernels: each chunk's own state contribution, a scan over chunks (progr
 each with a slice of one head's state in registers), then every chunk's output. The backward mirrors it: each
 chunk's contribution to the gradient of its entering state, a reverse scan, then one kernel for the gradients of
 x, dt, B, C and the log decays (a reverse cumulative sum of the cs gradients), with dA and dD reduced from
-per-chunk partial sums. Nothing of size [b, T, H, L] or [b, H, chunks, N, P] is kept between forward and
-backward: the backward recomputes the chunk states from the saved inputs.
+per-chunk partial sums. Between forward and backward the inputs and the states entering the chunks are kept
+([b, H, chunks, N, P] in the inputs' dtype: N / L times x's size, 2x at d_state 128 and chunks of 64), so the
+backward does not recompute them; nothing of size [b, T, H, L].
 
 Why: the torch path materialises the [L, L] decay and score blocks and the float32 products in memory
 (fused under torch.compile, still 0.5x lm-125m's training tokens/s at T = 16k on an H200). Here they live in
@@ -48,16 +49,22 @@ def supports(x: Tensor, chunk_size: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _chunk_program(dt_ptr, A_ptr, T, H, G, L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-        """This program's chunk c and (batch, head) pair bh = b * H + h, the head's group g, the tiles' column
-        indices p and n, the chunk's rows t, their dt and inclusive cumulative log decays cs (rows past T: dt = 0,
-        no decay) and the chunk's total cs_last."""
-        c, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        t = c * L + tl.arange(0, L)
+    def _chunk_decays(dt_ptr, A_ptr, b, h, t, T, H, L: tl.constexpr):
+        """Rows t's dt and inclusive cumulative log decays cs for head h (rows past T: dt = 0, no decay), and the
+        chunk's total cs_last."""
         dt = tl.load(dt_ptr + (b * T + t).to(tl.int64) * H + h, mask=t < T, other=0.0).to(tl.float32)
         cs = tl.cumsum(dt * tl.load(A_ptr + h).to(tl.float32), 0)
         cs_last = tl.sum(tl.where(tl.arange(0, L) == L - 1, cs, 0.0), 0)
+        return dt, cs, cs_last
+
+    @triton.jit
+    def _chunk_program(dt_ptr, A_ptr, T, H, G, L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's chunk c and (batch, head) pair bh = b * H + h, the head's group g, the tiles' column
+        indices p and n, the chunk's rows t and their :func:`_chunk_decays`."""
+        c, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        t = c * L + tl.arange(0, L)
+        dt, cs, cs_last = _chunk_decays(dt_ptr, A_ptr, b, h, t, T, H, L)
         return c, bh, b, h, h // (H // G), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), t, dt, cs, cs_last
 
     @triton.jit
@@ -145,11 +152,11 @@ if triton is not None:
 
     @triton.jit
     def _chunk_backward_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, S_ptr, Gs_ptr, dy_ptr,
-                               dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, T, H, G, P, N, nc,
+                               dx_ptr, ddt_ptr, dA_ptr, dD_ptr, T, H, G, P, N, nc,
                                L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
                                PRECISION: tl.constexpr):
-        """Gradients of chunk c given its entering state S and the gradient Gs of its leaving state: dx, ddt,
-        per-head dB and dC (summed over each group's heads afterwards), and this chunk's parts of dA and dD."""
+        """Gradients of chunk c for one head given its entering state S and the gradient Gs of its leaving state:
+        dx, ddt, and this chunk's parts of dA and dD (dB and dC: :func:`_chunk_backward_bc_kernel`)."""
         c, bh, b, h, g, p, n, t, dt, cs, cs_last = _chunk_program(dt_ptr, A_ptr, T, H, G, L, BLOCK_P, BLOCK_N)
         i = tl.arange(0, L)
         x = _rows(x_ptr, b, t, T, P, h, H, p)
@@ -163,26 +170,17 @@ if triton is not None:
         decay = tl.exp(tl.where(i[:, None] >= i[None, :], cs[:, None] - cs[None, :], float("-inf")))
         scores = tl.dot(Ct, tl.trans(Bt), input_precision=PRECISION) * decay
         dyv = tl.dot(dy, tl.trans(v), input_precision=PRECISION)  # dy_i . v_j
-        M = dyv * decay
         dv = tl.dot(tl.trans(scores.to(x.dtype)), dy, input_precision=PRECISION)
-        dC = tl.dot(M.to(x.dtype), Bt, input_precision=PRECISION)
-        dB = tl.dot(tl.trans(M.to(x.dtype)), Ct, input_precision=PRECISION)
         both = scores * dyv
         dcs = tl.sum(both, 1) - tl.sum(both, 0)
 
-        # the entering state read by C: exp(cs_i) C_i S (dC is complete after this; tiles are loaded late and
-        # stored early to keep fewer of them live at once)
+        # the entering state read by C: exp(cs_i) C_i S, whose log-decay gradient is exp(cs_i) dy_i . (C_i S)
         S = tl.load(S_ptr + state_at, mask=state_live, other=0.0)
-        dC_state = tl.exp(cs)[:, None] * tl.dot(dy, tl.trans(S), input_precision=PRECISION)
-        dcs += tl.sum(dC_state * Ct.to(tl.float32), 1)
-        _store_rows(dC_ptr, dC + dC_state, b, t, T, N, h, H, n)
+        dcs += tl.exp(cs) * tl.sum(dy.to(tl.float32) * tl.dot(Ct, S, input_precision=PRECISION), 1)
 
         # the leaving state: exp(cs_L - cs_j) B_j^T v_j and exp(cs_L) S
         Gs = tl.load(Gs_ptr + state_at, mask=state_live, other=0.0)
-        w = tl.exp(cs_last - cs)
-        dv_state = w[:, None] * tl.dot(Bt, Gs, input_precision=PRECISION)
-        _store_rows(dB_ptr, dB + w[:, None] * tl.dot(v, tl.trans(Gs), input_precision=PRECISION),
-                    b, t, T, N, h, H, n)
+        dv_state = tl.exp(cs_last - cs)[:, None] * tl.dot(Bt, Gs, input_precision=PRECISION)
         dv += dv_state
         through_state = tl.sum(dv_state * v.to(tl.float32), 1)
         dcs -= through_state
@@ -200,6 +198,42 @@ if triton is not None:
         _store_rows(dx_ptr, dx, b, t, T, P, h, H, p)
         tl.store(ddt_ptr + (b * T + t).to(tl.int64) * H + h, tl.sum(dv * xf, 1) + da * A, mask=t < T)
         tl.store(dA_ptr + bh * nc + c, tl.sum(da * dt, 0))
+
+    @triton.jit
+    def _chunk_backward_bc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, S_ptr, Gs_ptr, dy_ptr, dB_ptr, dC_ptr,
+                                  T, H, G, P, N, nc, L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  PRECISION: tl.constexpr, LOOP_STAGES: tl.constexpr):
+        """dB and dC of chunk c for one (batch, group): summed over the group's heads in registers, stored once in
+        B's dtype. Per head, with M = (dy v^T) * decay: dC += M B + exp(cs) dy S^T;  dB += M^T C + exp(cs_L - cs)
+        v Gs^T."""
+        c, bg = tl.program_id(0), tl.program_id(1)
+        b, g = bg // G, bg % G
+        i = tl.arange(0, L)
+        t = c * L + i
+        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+        Bt = _rows(B_ptr, b, t, T, N, g, G, n)
+        Ct = _rows(C_ptr, b, t, T, N, g, G, n)
+        dB = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+        dC = tl.zeros((L, BLOCK_N), dtype=tl.float32)
+        heads = H // G
+        for k in tl.range(0, heads, num_stages=LOOP_STAGES):
+            h = g * heads + k
+            dt, cs, cs_last = _chunk_decays(dt_ptr, A_ptr, b, h, t, T, H, L)
+            x = _rows(x_ptr, b, t, T, P, h, H, p)
+            dy = _rows(dy_ptr, b, t, T, P, h, H, p)
+            v = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
+            decay = tl.exp(tl.where(i[:, None] >= i[None, :], cs[:, None] - cs[None, :], float("-inf")))
+            M = (tl.dot(dy, tl.trans(v), input_precision=PRECISION) * decay).to(x.dtype)
+            state_at = _state_offsets(b * H + h, c, nc, N, P, n, p)
+            state_live = (n < N)[:, None] & (p < P)[None, :]
+            S = tl.load(S_ptr + state_at, mask=state_live, other=0.0)
+            Gs = tl.load(Gs_ptr + state_at, mask=state_live, other=0.0)
+            dC += tl.dot(M, Bt, input_precision=PRECISION)
+            dC += tl.exp(cs)[:, None] * tl.dot(dy, tl.trans(S), input_precision=PRECISION)
+            dB += tl.dot(tl.trans(M), Ct, input_precision=PRECISION)
+            dB += tl.exp(cs_last - cs)[:, None] * tl.dot(v, tl.trans(Gs), input_precision=PRECISION)
+        _store_rows(dC_ptr, dC, b, t, T, N, g, G, n)
+        _store_rows(dB_ptr, dB, b, t, T, N, g, G, n)
 
 
 def _launch_shape(x: Tensor, B: Tensor, chunk_size: int):
@@ -232,6 +266,13 @@ def _scan(own: Tensor, dec: Tensor, init: Tensor, final: Tensor, reverse: bool, 
     return out
 
 
+def _head_loop_stages(x: Tensor, L: int, meta: dict) -> int:
+    """Loads in flight in the dB/dC kernel's loop over a group's heads: as many as fit in ~160 KB of shared memory
+    (one head's x, dy, S and Gs tiles per stage; float32 at N = 128, P = 64 takes 98 KB a stage, so one)."""
+    per_stage = (2 * meta["BLOCK_N"] * meta["BLOCK_P"] + 2 * L * meta["BLOCK_P"]) * x.element_size()
+    return max(1, min(3, (160 * 1024) // per_stage))
+
+
 def _chunk_states(x, dt, A, B, initial_state, chunk_size):
     """The states entering every chunk, [b * H, nc, N, P] in x's dtype (the dots that read them take that dtype;
     the scan itself runs in float32), the chunks' log decays [b * H, nc] and the final state [b, H, P, N] float32."""
@@ -253,50 +294,53 @@ def _chunk_states(x, dt, A, B, initial_state, chunk_size):
 
 @torch.library.custom_op("effzoo::ssd_forward", mutates_args=())
 def _ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                 initial_state: Optional[Tensor], chunk_size: int) -> tuple[Tensor, Tensor]:
+                 initial_state: Optional[Tensor], chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y, the final state, and for the backward the states entering the chunks and the chunks' log decays."""
     batch, T, H, P, G, N, nc = _launch_shape(x, B, chunk_size)
-    states, _, final = _chunk_states(x, dt, A, B, initial_state, chunk_size)
+    states, dec, final = _chunk_states(x, dt, A, B, initial_state, chunk_size)
     y = torch.empty_like(x)
     _chunk_output_kernel[(nc, batch * H)](x, dt, A, B, C, A if D is None else D, states, y, T, H, G, P, N, nc,
                                           L=chunk_size, HAS_D=D is not None, **_meta(x, P, N))
-    return y, final
+    return y, final, states, dec
 
 
 @_ssd_forward.register_fake
 def _(x, dt, A, B, C, D, initial_state, chunk_size):
-    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], x.shape[3], B.shape[3], dtype=torch.float32)
+    batch, T, H, P, G, N, nc = _launch_shape(x, B, chunk_size)
+    return (torch.empty_like(x), x.new_empty(batch, H, P, N, dtype=torch.float32), x.new_empty(batch * H, nc, N, P),
+            x.new_empty(batch * H, nc, dtype=torch.float32))
 
 
 @torch.library.custom_op("effzoo::ssd_backward", mutates_args=())
 def _ssd_backward(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                  D: Optional[Tensor], initial_state: Optional[Tensor],
+                  D: Optional[Tensor], initial_state: Optional[Tensor], states: Tensor, dec: Tensor,
                   chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of x, dt, A, B, C, D and the initial state (the last two empty when absent)."""
+    """Gradients of x, dt, A, B, C, D and the initial state (the last two empty when absent), given the forward's
+    chunk states and log decays."""
     L = chunk_size
     batch, T, H, P, G, N, nc = _launch_shape(x, B, L)
     meta = _meta(x, P, N)
-    states, dec, _ = _chunk_states(x, dt, A, B, initial_state, L)
     grads_own = torch.empty(batch * H, nc, N, P, device=x.device, dtype=torch.float32)
     _chunk_dstate_kernel[(nc, batch * H)](dy, dt, A, C, grads_own, T, H, G, P, N, nc, L=L, **meta)
     d_init = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
     grads_out = _scan(grads_own, dec, d_init if dfinal is None else dfinal, d_init, reverse=True,
                       has_init=dfinal is not None, dtype=x.dtype)
     dx, ddt = torch.empty_like(x), torch.empty_like(dt)
-    dB_heads = torch.empty(batch, T, H, N, device=x.device, dtype=torch.float32)
-    dC_heads = torch.empty_like(dB_heads)
     dA_parts = torch.empty(batch * H, nc, device=x.device, dtype=torch.float32)
     dD_parts = torch.empty_like(dA_parts)
     _chunk_backward_kernel[(nc, batch * H)](x, dt, A, B, C, A if D is None else D, states, grads_out, dy, dx, ddt,
-                                            dB_heads, dC_heads, dA_parts, dD_parts, T, H, G, P, N, nc, L=L,
-                                            HAS_D=D is not None, num_warps=4, **meta)
-    per_group = lambda t: t.view(batch, T, G, H // G, N).sum(3).to(B.dtype)
+                                            dA_parts, dD_parts, T, H, G, P, N, nc, L=L, HAS_D=D is not None,
+                                            num_warps=4, **meta)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    _chunk_backward_bc_kernel[(nc, batch * G)](x, dt, A, B, C, states, grads_out, dy, dB, dC, T, H, G, P, N, nc, L=L,
+                                               LOOP_STAGES=_head_loop_stages(x, L, meta), num_warps=4, **meta)
     dD = x.new_empty(0) if D is None else dD_parts.view(batch, H, nc).sum((0, 2)).to(D.dtype)
-    return (dx, ddt, dA_parts.view(batch, H, nc).sum((0, 2)), per_group(dB_heads), per_group(dC_heads), dD,
+    return (dx, ddt, dA_parts.view(batch, H, nc).sum((0, 2)), dB, dC, dD,
             x.new_empty(0) if initial_state is None else d_init)
 
 
 @_ssd_backward.register_fake
-def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, states, dec, chunk_size):
     empty = x.new_empty(0)
     return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
             empty if D is None else torch.empty_like(D),
@@ -305,14 +349,17 @@ def _(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
 
 def _save_inputs(ctx, inputs, output):
     *tensors, ctx.chunk_size = inputs
-    ctx.save_for_backward(*tensors)
+    _, _, states, dec = output
+    ctx.mark_non_differentiable(states, dec)
+    ctx.save_for_backward(*tensors, states, dec)
 
 
-def _backward(ctx, dy, dfinal):
-    x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+def _backward(ctx, dy, dfinal, _dstates, _ddec):
+    x, dt, A, B, C, D, initial_state, states, dec = ctx.saved_tensors
     dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
     dfinal = None if dfinal is None else dfinal.float().contiguous()
-    dx, ddt, dA, dB, dC, dD, d_init = _ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, ctx.chunk_size)
+    dx, ddt, dA, dB, dC, dD, d_init = _ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, states, dec,
+                                                    ctx.chunk_size)
     return dx, ddt, dA, dB, dC, None if D is None else dD, None if initial_state is None else d_init, None
 
 
@@ -324,6 +371,7 @@ def fused_ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     of two >= 16. Runs wherever Triton does (CUDA, or CPU tensors under the interpreter): callers check
     :func:`supports`."""
     cast = lambda t, dtype: None if t is None else t.to(dtype).contiguous()
-    return _ssd_forward(x.contiguous(), cast(dt, torch.float32), cast(A, torch.float32), cast(B, x.dtype),
-                        cast(C, x.dtype), None if D is None else D.contiguous(), cast(initial_state, torch.float32),
-                        chunk_size)
+    y, final, _, _ = _ssd_forward(x.contiguous(), cast(dt, torch.float32), cast(A, torch.float32), cast(B, x.dtype),
+                                  cast(C, x.dtype), None if D is None else D.contiguous(),
+                                  cast(initial_state, torch.float32), chunk_size)
+    return y, final
