@@ -196,6 +196,22 @@ def recurrent_gated_delta_step(q, k, v, beta, g, S, scale):
 # --- fla dispatch ----------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
+def fla_gated_backward_refused() -> bool:
+    """Whether fla refuses the backward of ``chunk_gated_delta_rule`` on this machine: fla 0.6 raises at backward
+    time on Hopper GPUs with Triton >= 3.4, < 3.7.1 (its gated ``chunk_bwd_dqkwg`` computes wrong results there,
+    fla issue #640) unless its TileLang backend (tilelang and a usable nvcc) takes the call. Read from fla's own
+    flags; a constant to torch.compile."""
+    try:
+        from fla.backends import TileLangBackend
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:  # another fla release: its flags moved, so assume it runs its own backward
+        return False
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return False
+    return not (TileLangBackend.is_available() and TileLangBackend().is_enabled())
+
+
 def fla_delta_rule(q, k, v, beta, g=None, initial_state=None, scale=None, recurrent=False):
     """fla-core kernels on [B, T, H, D] tensors (q, k already L2-normalised); ``g`` None selects
     the plain delta rule. The chunked kernels (``chunk_delta_rule`` / ``chunk_gated_delta_rule``)
@@ -304,12 +320,26 @@ class DeltaRuleMixer(Mixer):
             raise ValueError(f"backend='fla' needs CUDA tensors, got a tensor on {x.device.type}; use backend='auto' or 'torch'")
         return True
 
+    def _fla_runs(self, q: torch.Tensor, gated: bool, grad: bool, decoding: bool) -> bool:
+        """Whether this call goes to fla. A decoding step that needs gradients runs the (differentiable) torch
+        recurrence. A gated call that needs gradients where fla refuses its backward
+        (:func:`fla_gated_backward_refused`) runs the torch path under ``backend='auto'`` and is refused up front,
+        before any forward work, under ``backend='fla'``."""
+        if not self._use_fla(q, decoding) or (decoding and grad):
+            return False
+        if grad and gated and fla_gated_backward_refused():
+            if self.backend == "fla":
+                raise ValueError("backend='fla': fla refuses the gated delta rule's backward on this GPU (Hopper with "
+                                 "Triton >= 3.4, < 3.7.1, fla issue #640); install tilelang (fla then runs that backward "
+                                 "through it) or Triton >= 3.7.1, or use backend='auto' or 'torch'")
+            return False
+        return True
+
     def _core(self, q, k, v, beta, g, S, decoding: bool):
         """q, k [B, T, H, Dk]; v [B, T, H, Dv]; beta, g [B, T, H]. Returns (o [B, T, H, Dv], S)."""
         scale = self.head_k_dim ** -0.5
-        # a decoding step that needs gradients runs the (differentiable) torch recurrence
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, beta))
-        if self._use_fla(q, decoding) and not (decoding and grad):
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, g))
+        if self._fla_runs(q, g is not None, grad, decoding):
             o, S_new = fla_delta_rule(q, k, v, beta, g, initial_state=S, scale=scale, recurrent=decoding)
             return o.to(q.dtype), S_new.to(self.state_dtype)
         if decoding:
