@@ -27,7 +27,8 @@ masks: as :mod:`layers.mamba`.
 ``backend``: ``auto`` runs the chunked SSD as Triton kernels (:mod:`layers.ssd_kernel`, forward and backward)
 where they run (CUDA, float32 / bfloat16 / float16, chunks of >= 16 tokens), falling back to
 :func:`ssd_chunked` with a warning if they fail at call time; ``triton`` requires them (errors propagate);
-``torch`` always runs :func:`ssd_chunked`. Decoding steps always run :func:`ssd_step`. On an H200 the layer's
+``torch`` always runs :func:`ssd_chunked`. Decoding steps always run :func:`ssd_step`. The same choice applies
+to the short conv and its SiLU from a zero cache without padding (training; :mod:`layers.causal_conv_kernel`). On an H200 the layer's
 fwd+bwd at [2, 16384, 768] (bf16 autocast) took 6.3 ms with the kernels against 8.5 ms on the torch path, both
 compiled, and 10.4 against 26.5 ms eagerly (``docs/benchmarks/ssd_kernels_gpu.md``).
 """
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers import ssd_kernel
+from layers import causal_conv_kernel, ssd_kernel
 from layers.causal_conv import causal_conv1d
 from layers.linear_attention import check_chunk_size, chunk_states, try_kernel
 from layers.mamba import SelectiveSSMMixer, check_dt_range, check_positive_int, dt_bias_init, expanded_width
@@ -266,9 +267,8 @@ class Mamba2(SelectiveSSMMixer):
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
-        xBC, conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                                        None if state is None else state["conv"], lengths)
-        xs, B, C = F.silu(xBC).transpose(1, 2).split([self.d_inner, G * N, G * N], dim=-1)
+        xBC, conv_state = self._conv(xBC, None if state is None else state["conv"], lengths)
+        xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt + self.dt_bias.float())  # [B, T, H], float32 by type promotion
         if mask is not None:
             dt = dt * mask[..., None]  # padded steps neither decay nor write to the state
@@ -278,6 +278,23 @@ class Mamba2(SelectiveSSMMixer):
         y, h = ssd_step(*args) if decoding else self._chunked(*args)
         y = self.norm(y.reshape(batch, T, self.d_inner), z)
         return self.out_proj(y), {"conv": conv_state, "ssm": h}
+
+    def _conv(self, xBC, cache, lengths):
+        """``silu(causal conv)`` of xBC [B, T, conv_dim] and the new conv cache. From a zero cache with no padding
+        (training, an unmasked prompt) the Triton kernels of :mod:`layers.causal_conv_kernel` run it where they can
+        (not with ``backend='torch'``; a failing kernel falls back as the SSD's do); otherwise
+        :func:`causal_conv1d`."""
+        K = self.d_conv
+        if cache is None and lengths is None and self.backend != "torch" and causal_conv_kernel.supports(xBC):
+            T = xBC.shape[1]
+            tail = xBC[:, T - (K - 1):] if T >= K - 1 else F.pad(xBC, (0, 0, K - 1 - T, 0))
+            run = lambda: causal_conv_kernel.conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias)
+            y = run() if torch.compiler.is_compiling() else try_kernel(
+                "the causal conv kernels", xBC.dtype, self.backend == "triton", run)
+            if y is not None:
+                return y, tail.transpose(1, 2)
+        y, cache = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, cache, lengths)
+        return F.silu(y).transpose(1, 2), cache
 
     def _chunked(self, *args):
         """The chunked SSD through the kernels or the torch path (``backend``)."""

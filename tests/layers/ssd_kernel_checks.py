@@ -89,8 +89,9 @@ def check(device: str, dtype: torch.dtype, case, seed: int = 0, compile_backend:
 
 def check_mixer(device: str, dtype: torch.dtype, ngroups: int) -> None:
     """Mamba2 with backend='triton' against backend='torch' (same weights): outputs and every gradient, on a batch
-    with left padding, in float32 (the kernels' tolerance) or at most RATIO x the torch path's error in lower
-    precisions (both against the float64 torch path)."""
+    with left padding and on one without a mask (where the conv kernels of layers.causal_conv_kernel run too), in
+    float32 (the kernels' tolerance) or at most RATIO x the torch path's error in lower precisions (both against
+    the float64 torch path)."""
     from layers.mamba2 import Mamba2
 
     torch.manual_seed(0)
@@ -99,33 +100,39 @@ def check_mixer(device: str, dtype: torch.dtype, ngroups: int) -> None:
     mask = torch.ones(3, 21, dtype=torch.bool, device=device)
     mask[1, :5] = mask[2, :20] = False
 
-    def run(module, inp):
+    def run(module, inp, mask):
         inp = inp.detach().clone().requires_grad_()
         y = module(inp, mask=mask)
         grads = torch.autograd.grad((y.double() * w).sum(), [inp, *module.parameters()])
         return [y, *grads]
 
     w = torch.randn(3, 21, 32, dtype=torch.float64, device=device)
-    want = run(ref, x)
-    results = {}
-    for backend in ("triton", "torch"):
-        module = Mamba2(32, 1, d_state=16, headdim=16, ngroups=ngroups, chunk_size=16, backend=backend).to(device, dtype)
-        module.load_state_dict(ref.state_dict())
-        results[backend] = run(module, x.to(dtype))
-    for i, (a, t, r) in enumerate(zip(results["triton"], results["torch"], want)):
-        ours, theirs = error(a, r), error(t, r)
-        limit = FLOAT32_TOL if dtype == torch.float32 else RATIO * theirs + 1e-6
-        assert ours <= limit, f"mixer {dtype} ngroups={ngroups} output/grad {i}: error {ours:.2e} > {limit:.2e}"
+    for masked in (mask, None):
+        want = run(ref, x, masked)
+        results = {}
+        for backend in ("triton", "torch"):
+            module = Mamba2(32, 1, d_state=16, headdim=16, ngroups=ngroups, chunk_size=16, backend=backend)
+            module = module.to(device, dtype)
+            module.load_state_dict(ref.state_dict())
+            results[backend] = run(module, x.to(dtype), masked)
+        for i, (a, t, r) in enumerate(zip(results["triton"], results["torch"], want)):
+            ours, theirs = error(a, r), error(t, r)
+            limit = FLOAT32_TOL if dtype == torch.float32 else RATIO * theirs + 1e-6
+            assert ours <= limit, (f"mixer {dtype} ngroups={ngroups} masked={masked is not None} output/grad {i}: "
+                                   f"error {ours:.2e} > {limit:.2e}")
 
 
 if __name__ == "__main__":
+    import layers.causal_conv_kernel
     import layers.ssd_kernel
 
     for i, case in enumerate(CASES):
         check("cpu", torch.float32, case, seed=i)
         check("cpu", torch.float16, case, seed=i)
     check("cpu", torch.float32, CASES[1], seed=7, compile_backend="aot_eager")
-    layers.ssd_kernel.supports = lambda x, chunk_size: True  # the interpreter's CPU tensors count as the kernels' device
+    # the interpreter's CPU tensors count as the kernels' device
+    layers.ssd_kernel.supports = lambda x, chunk_size: True
+    layers.causal_conv_kernel.supports = lambda x: True
     for ngroups in (1, 2):
         check_mixer("cpu", torch.float32, ngroups)
     print(f"{2 * len(CASES) + 3} interpreted checks passed")

@@ -1,0 +1,51 @@
+"""The causal conv + SiLU kernels (layers.causal_conv_kernel) against the float64 reference: on the CPU under
+Triton's interpreter and on CUDA; their bad-input errors."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from causal_conv_kernel_checks import CASES, check, check_compiled
+from layers import causal_conv_kernel
+
+HERE = Path(__file__).resolve().parent
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed (it comes with torch's Linux wheels; none exist for "
+                                         "this platform)")
+
+
+@needs_triton
+def test_kernels_under_the_interpreter_match_the_reference():
+    """float32 and float16, forward and every gradient: one token, T shorter than K, T and C off the blocks, K = 2,
+    no bias, the conv without SiLU, and torch.compile (aot_eager, fullgraph)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(HERE / "causal_conv_kernel_checks.py")], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{2 * len(CASES) + 1} interpreted checks passed" in done.stdout
+
+
+def test_cpu_tensors_are_not_taken_and_bad_shapes_are_refused():
+    assert not causal_conv_kernel.supports(torch.randn(1, 4, 8))
+    with pytest.raises(ValueError, match="depthwise weight"):
+        causal_conv_kernel.conv1d_silu(torch.randn(1, 4, 8), torch.randn(6, 1, 4))
+    with pytest.raises(ValueError, match="x \\[B, T, C\\]"):
+        causal_conv_kernel.conv1d_silu(torch.randn(4, 8), torch.randn(8, 1, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernels_on_cuda_match_the_reference(dtype):
+    for case in CASES:
+        check(case, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_kernels_inside_an_inductor_graph():
+    check_compiled("cuda")
