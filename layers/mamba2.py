@@ -28,9 +28,10 @@ masks: as :mod:`layers.mamba`.
 where they run (CUDA, float32 / bfloat16 / float16, chunks of >= 16 tokens), falling back to
 :func:`ssd_chunked` with a warning if they fail at call time; ``triton`` requires them (errors propagate);
 ``torch`` always runs :func:`ssd_chunked`. Decoding steps always run :func:`ssd_step`. The same choice applies
-to the short conv and its SiLU from a zero cache without padding (training; :mod:`layers.causal_conv_kernel`). On an H200 the layer's
-fwd+bwd at [2, 16384, 768] (bf16 autocast) took 6.3 ms with the kernels against 8.5 ms on the torch path, both
-compiled, and 10.4 against 26.5 ms eagerly (``docs/benchmarks/ssd_kernels_gpu.md``).
+to the short conv and its SiLU from a zero cache without padding (training; :mod:`layers.causal_conv_kernel`).
+On an H200 the layer's fwd+bwd at [2, 16384, 768] (bf16 autocast) took 6.3 ms with the SSD kernels against
+8.5 ms on the torch path, both compiled, and 10.4 against 26.5 ms eagerly; the conv kernels then brought it from
+5.5 to 5.1 ms compiled (``docs/benchmarks/ssd_kernels_gpu.md``).
 """
 from __future__ import annotations
 
