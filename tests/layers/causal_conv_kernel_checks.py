@@ -79,6 +79,20 @@ def check(case, dtype, device):
         assert max_err(g, r) <= RATIO * max_err(t, r) + FLOOR, (case, name, max_err(g, r), max_err(t, r))
 
 
+def check_custom_ops(device):
+    """``torch.library.opcheck`` on the forward and backward ops, with and without a bias: their schemas, autograd
+    registration, and fake kernels whose shapes, dtypes and strides match the real outputs (what torch.compile's
+    graphs are built from)."""
+    from layers import causal_conv_kernel
+
+    for case in (CASES[2], CASES[3]):
+        x, w, b, dy = inputs(case, device, seed=11)
+        torch.library.opcheck(causal_conv_kernel._conv_forward, (x.requires_grad_(), w.requires_grad_(),
+                                                                 None if b is None else b.requires_grad_(), True))
+        torch.library.opcheck(causal_conv_kernel._conv_backward, (dy, x.detach(), w.detach(),
+                                                                  None if b is None else b.detach(), True))
+
+
 def check_compiled(device):
     """Under torch.compile (aot_eager on CPU, inductor on CUDA) the custom ops give the eager kernels' results."""
     case = CASES[2]
@@ -96,4 +110,5 @@ if __name__ == "__main__":
         for dtype in (torch.float32, torch.float16):
             check(case, dtype, "cpu")
     check_compiled("cpu")
-    print(f"{2 * len(CASES) + 1} interpreted checks passed")
+    check_custom_ops("cpu")
+    print(f"{2 * len(CASES) + 2} interpreted checks passed")

@@ -87,6 +87,21 @@ def check(device: str, dtype: torch.dtype, case, seed: int = 0, compile_backend:
         assert ours <= RATIO * theirs + 1e-6, f"{case} {dtype} {name}: error {ours:.2e} > {RATIO} x torch path's {theirs:.2e}"
 
 
+def check_custom_ops(device: str) -> None:
+    """``torch.library.opcheck`` on the forward and backward ops, with and without D and an initial state: their
+    schemas, autograd registration, and fake kernels whose shapes, dtypes and strides match the real outputs
+    (what torch.compile's graphs are built from)."""
+    from layers import ssd_kernel
+
+    for case in (CASES[1], CASES[2]):
+        x, dt, A, B, C, D, S0 = inputs(case, torch.float32, device, seed=5)
+        forward_args = (x, dt, A, B, C, D, S0, case[6])
+        torch.library.opcheck(ssd_kernel._ssd_forward, forward_args)
+        y, final, states, dec = ssd_kernel._ssd_forward(*forward_args)
+        torch.library.opcheck(ssd_kernel._ssd_backward, (torch.randn_like(y), torch.randn_like(final), *forward_args[:7],
+                                                         states, dec, case[6]))
+
+
 def check_mixer(device: str, dtype: torch.dtype, ngroups: int) -> None:
     """Mamba2 with backend='triton' against backend='torch' (same weights): outputs and every gradient, on a batch
     with left padding and on one without a mask (where the conv kernels of layers.causal_conv_kernel run too), in
@@ -130,9 +145,10 @@ if __name__ == "__main__":
         check("cpu", torch.float32, case, seed=i)
         check("cpu", torch.float16, case, seed=i)
     check("cpu", torch.float32, CASES[1], seed=7, compile_backend="aot_eager")
+    check_custom_ops("cpu")
     # the interpreter's CPU tensors count as the kernels' device
     layers.ssd_kernel.supports = lambda x, chunk_size: True
     layers.causal_conv_kernel.supports = lambda x: True
     for ngroups in (1, 2):
         check_mixer("cpu", torch.float32, ngroups)
-    print(f"{2 * len(CASES) + 3} interpreted checks passed")
+    print(f"{2 * len(CASES) + 4} interpreted checks passed")

@@ -13,7 +13,7 @@ import torch
 
 from layers import linear_attention, ssd_kernel
 from layers.mamba2 import Mamba2
-from ssd_kernel_checks import CASES, check, check_mixer
+from ssd_kernel_checks import CASES, check, check_custom_ops, check_mixer
 
 HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -24,11 +24,12 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 @needs_triton
 def test_kernels_under_the_interpreter_match_the_reference():
     """float32 and float16, forward and every gradient: one token, T off the chunk, shared groups, headdim and
-    d_state off the powers of two, three chunk sizes, torch.compile (aot_eager), and the Mamba2 mixer with padding."""
+    d_state off the powers of two, three chunk sizes, torch.compile (aot_eager), opcheck on the custom ops, and the
+    Mamba2 mixer with and without padding."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, str(HERE / "ssd_kernel_checks.py")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{2 * len(CASES) + 3} interpreted checks passed" in done.stdout
+    assert f"{2 * len(CASES) + 4} interpreted checks passed" in done.stdout
 
 
 def test_auto_runs_the_torch_path_on_cpu():
@@ -94,3 +95,4 @@ def test_mixer_on_cuda_matches_the_torch_path(dtype):
 @pytest.mark.gpu
 def test_kernels_inside_an_inductor_graph():
     check("cuda", torch.bfloat16, CASES[1], seed=3, compile_backend="inductor")
+    check_custom_ops("cuda")
