@@ -289,9 +289,8 @@ class Mamba2(SelectiveSSMMixer):
         if cache is None and lengths is None and self.backend != "torch" and causal_conv_kernel.supports(xBC):
             T = xBC.shape[1]
             tail = xBC[:, T - (K - 1):] if T >= K - 1 else F.pad(xBC, (0, 0, K - 1 - T, 0))
-            run = lambda: causal_conv_kernel.conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias)
-            y = run() if torch.compiler.is_compiling() else try_kernel(
-                "the causal conv kernels", xBC.dtype, self.backend == "triton", run)
+            y = self._run_kernels("the causal conv kernels", xBC.dtype,
+                                  lambda: causal_conv_kernel.conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias))
             if y is not None:
                 return y, tail.transpose(1, 2)
         y, cache = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, cache, lengths)
@@ -305,13 +304,18 @@ class Mamba2(SelectiveSSMMixer):
             raise ValueError(f"backend='triton' needs a CUDA float32/bfloat16/float16 input and chunk_size >= 16; "
                              f"got a {x.dtype} tensor on {x.device.type} with chunk_size={self.chunk_size}")
         if kernels:
-            run = lambda: ssd_kernel.fused_ssd(*args, chunk_size=self.chunk_size)
-            if torch.compiler.is_compiling():  # one custom op in the graph; no Python fallback to trace
-                return run()
-            out = try_kernel("the Mamba-2 SSD kernels", x.dtype, self.backend == "triton", run)
+            out = self._run_kernels("the Mamba-2 SSD kernels", x.dtype,
+                                    lambda: ssd_kernel.fused_ssd(*args, chunk_size=self.chunk_size))
             if out is not None:
                 return out
         return ssd_chunked(*args, chunk_size=self.chunk_size)
+
+    def _run_kernels(self, name: str, dtype: torch.dtype, run):
+        """``run()``: directly under torch.compile (one custom op in the graph, no Python fallback to trace);
+        otherwise through :func:`try_kernel` (``auto``: a failure warns once and returns None for the torch path)."""
+        if torch.compiler.is_compiling():
+            return run()
+        return try_kernel(name, dtype, self.backend == "triton", run)
 
     def init_state(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> State:
         """``{"conv": zeros [B, conv_dim, d_conv - 1] (``dtype`` or the conv weight's), "ssm": zeros
