@@ -341,10 +341,10 @@ def _ssd_backward(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A
 
 @_ssd_backward.register_fake
 def _(dy, dfinal, x, dt, A, B, C, D, initial_state, states, dec, chunk_size):
-    empty = x.new_empty(0)
+    # a fresh empty tensor for each absent gradient: outputs of a custom op must not alias each other
     return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
-            empty if D is None else torch.empty_like(D),
-            empty if initial_state is None else torch.empty_like(initial_state, dtype=torch.float32))
+            x.new_empty(0) if D is None else torch.empty_like(D),
+            x.new_empty(0) if initial_state is None else torch.empty_like(initial_state, dtype=torch.float32))
 
 
 def _save_inputs(ctx, inputs, output):

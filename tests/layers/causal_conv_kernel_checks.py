@@ -85,7 +85,7 @@ def check_custom_ops(device):
     graphs are built from)."""
     from layers import causal_conv_kernel
 
-    for case in (CASES[2], CASES[3]):
+    for case in ((1, 9, 20, 4, True, True), (1, 9, 20, 4, False, True)):  # small: opcheck runs each op often
         x, w, b, dy = inputs(case, device, seed=11)
         torch.library.opcheck(causal_conv_kernel._conv_forward, (x.requires_grad_(), w.requires_grad_(),
                                                                  None if b is None else b.requires_grad_(), True))

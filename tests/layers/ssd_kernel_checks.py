@@ -93,8 +93,8 @@ def check_custom_ops(device: str) -> None:
     (what torch.compile's graphs are built from)."""
     from layers import ssd_kernel
 
-    for case in (CASES[1], CASES[2]):
-        x, dt, A, B, C, D, S0 = inputs(case, torch.float32, device, seed=5)
+    for case in ((1, 20, 2, 16, 1, 16, 16, True, True), (1, 20, 2, 16, 1, 16, 16, False, False)):  # small: opcheck
+        x, dt, A, B, C, D, S0 = inputs(case, torch.float32, device, seed=5)                # runs each op often
         forward_args = (x, dt, A, B, C, D, S0, case[6])
         torch.library.opcheck(ssd_kernel._ssd_forward, forward_args)
         y, final, states, dec = ssd_kernel._ssd_forward(*forward_args)
