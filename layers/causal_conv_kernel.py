@@ -1,11 +1,11 @@
-"""Causal depthwise conv + SiLU over channel-last ``[B, T, C]`` as Triton kernels, forward and backward (Mamba's
-and Mamba-2's short conv from a zero cache; the reference is :func:`layers.causal_conv.causal_conv1d`, then SiLU).
+"""Causal depthwise conv + SiLU over channel-last ``[B, T, C]`` as Triton kernels, forward and backward (Mamba-2's
+short conv from a zero cache; the reference is :func:`layers.causal_conv.causal_conv1d`, then SiLU).
 
     pre_t = bias + sum_k w[:, k] x_{t - K + 1 + k}    (x_s = 0 for s < 0),    y_t = silu(pre_t)
 
 Why: under torch.compile the conv and its SiLU ran as five inductor kernels, among them a transposed padded copy
 of the input, about 1.1 ms of a 5.65 ms Mamba-2 layer fwd+bwd at [2, 16384, 1792] on an H200. Here the layer's
-[B, T, C] activations are read in place (channels contiguous) and written once.
+[B, T, C] activations are read in their own layout, with no transpose, and the output is written once.
 
 Forward: one program per (block of T rows, block of channels, batch) reads its rows and the K - 1 rows before
 them. Backward, with ``dpre = dy * silu'(pre)`` and ``pre`` recomputed from x:
