@@ -2,33 +2,19 @@
 Triton's interpreter and on CUDA; their bad-input errors."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from causal_conv_kernel_checks import CASES, check, check_compiled, check_custom_ops
 from layers import causal_conv_kernel
-
-HERE = Path(__file__).resolve().parent
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed (it comes with torch's Linux wheels; none exist for "
-                                         "this platform)")
+from triton_interpreter import needs_triton, run_interpreted
 
 
 @needs_triton
 def test_kernels_under_the_interpreter_match_the_reference():
     """float32 and float16, forward and every gradient: one token, T shorter than K, T and C off the blocks, K = 2,
     no bias, the conv without SiLU, torch.compile (aot_eager, fullgraph), and opcheck on the custom ops."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(HERE / "causal_conv_kernel_checks.py")], env=env, capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{2 * len(CASES) + 2} interpreted checks passed" in done.stdout
+    assert f"{2 * len(CASES) + 2} interpreted checks passed" in run_interpreted("causal_conv_kernel_checks.py")
 
 
 def test_cpu_tensors_are_not_taken_and_bad_shapes_are_refused():

@@ -2,30 +2,19 @@
 on CUDA, and the MoE layer taking them against its torch path."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from layers.moe import MoE, kernels
 from moe_kernel_checks import CASES, check_combine_backward, check_gather_sum
+from triton_interpreter import needs_triton, run_interpreted
 
-HERE = Path(__file__).resolve().parent
 
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton is not installed (it comes with torch's Linux wheels; none exist for this platform)")
+@needs_triton
 def test_kernels_under_the_interpreter_match_torch():
     """float32 and float16: weighted / unweighted gathered sums with zero rows, the combine's two gradients with
     dropped assignments and unused buffer rows, dims over one block."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(HERE / "moe_kernel_checks.py")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "12 interpreted checks passed" in done.stdout
+    assert "12 interpreted checks passed" in run_interpreted("moe_kernel_checks.py")
 
 
 def test_cpu_tensors_take_the_torch_path():

@@ -2,23 +2,13 @@
 and on CUDA; Mamba2's backend choice, its errors and its fallback."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from layers import linear_attention, ssd_kernel
 from layers.mamba2 import Mamba2
 from ssd_kernel_checks import CASES, check, check_custom_ops, check_mixer
-
-HERE = Path(__file__).resolve().parent
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed (it comes with torch's Linux wheels; none exist for "
-                                         "this platform)")
+from triton_interpreter import needs_triton, run_interpreted
 
 
 @needs_triton
@@ -26,10 +16,7 @@ def test_kernels_under_the_interpreter_match_the_reference():
     """float32 and float16, forward and every gradient: one token, T off the chunk, shared groups, headdim and
     d_state off the powers of two, three chunk sizes, torch.compile (aot_eager), opcheck on the custom ops, and the
     Mamba2 mixer with and without padding."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(HERE / "ssd_kernel_checks.py")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{2 * len(CASES) + 4} interpreted checks passed" in done.stdout
+    assert f"{2 * len(CASES) + 4} interpreted checks passed" in run_interpreted("ssd_kernel_checks.py")
 
 
 def test_auto_runs_the_torch_path_on_cpu():

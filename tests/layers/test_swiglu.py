@@ -2,12 +2,6 @@
 CUDA; the dispatcher's choices and errors."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,18 +10,13 @@ from layers import swiglu as swiglu_module
 from layers.mlp import SwiGLU
 from layers.swiglu import naive_swiglu, supports, swiglu
 from swiglu_checks import CASES, check
+from triton_interpreter import needs_triton, run_interpreted
 
-HERE = Path(__file__).resolve().parent
 
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton is not installed (it comes with torch's Linux wheels; none exist for this platform)")
+@needs_triton
 def test_kernels_under_the_interpreter_match_the_reference():
     """float32 and float16, forward and backward: one row, rows and hidden off the blocks, a 3-D input."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(HERE / "swiglu_checks.py")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{2 * len(CASES)} interpreted checks passed" in done.stdout
+    assert f"{2 * len(CASES)} interpreted checks passed" in run_interpreted("swiglu_checks.py")
 
 
 def test_reference_is_silu_gate_times_up():

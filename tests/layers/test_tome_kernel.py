@@ -2,32 +2,21 @@
 against the torch path, on the CPU under Triton's interpreter and on CUDA; and the ViT taking them."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from layers.token_reduction import tome_kernel
 from tome_kernel_checks import check_merge, check_ties
+from triton_interpreter import needs_triton, run_interpreted
 from zoo.registry import create_model
 
-HERE = Path(__file__).resolve().parent
 
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton is not installed (it comes with torch's Linux wheels; none exist for this platform)")
+@needs_triton
 def test_kernels_under_the_interpreter_match_the_torch_path():
     """float32 (rows equal to the torch path's) and float16, odd and even N down to 5, r from 1 to (N - 1) // 2 and
     over one block of merged tokens, with and without sizes, residual update and LayerNorm, with a distillation
     token and with registers protected; tie-breaking."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(HERE / "tome_kernel_checks.py")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "17 interpreted checks passed" in done.stdout
+    assert "17 interpreted checks passed" in run_interpreted("tome_kernel_checks.py")
 
 
 def test_merge_checks_its_arguments():
