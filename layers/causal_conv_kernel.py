@@ -174,4 +174,6 @@ def conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu: 
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != x.shape[-1] or weight.shape[1] != 1:
         raise ValueError(f"conv1d_silu takes x [B, T, C] and a depthwise weight [C, 1, K]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (x.shape[-1],):
+        raise ValueError(f"conv1d_silu's bias must be [C] = [{x.shape[-1]}]; got {tuple(bias.shape)}")
     return _conv_forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), silu)

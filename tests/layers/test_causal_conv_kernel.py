@@ -23,6 +23,8 @@ def test_cpu_tensors_are_not_taken_and_bad_shapes_are_refused():
         causal_conv_kernel.conv1d_silu(torch.randn(1, 4, 8), torch.randn(6, 1, 4))
     with pytest.raises(ValueError, match="x \\[B, T, C\\]"):
         causal_conv_kernel.conv1d_silu(torch.randn(4, 8), torch.randn(8, 1, 4))
+    with pytest.raises(ValueError, match="bias must be \\[C\\] = \\[8\\]"):
+        causal_conv_kernel.conv1d_silu(torch.randn(1, 4, 8), torch.randn(8, 1, 4), torch.randn(6))
 
 
 @pytest.mark.gpu
