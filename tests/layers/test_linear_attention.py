@@ -143,6 +143,18 @@ def test_chunk_backward_matches_naive(kind):
         assert_close(got, ref, msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("batch_of_b", [2, 1], ids=["b-per-batch", "b-broadcast"])
+def test_leaf_scores_backward_is_the_gradient(batch_of_b):
+    """The leaf blocks' scores have a hand-written backward (``_LeafScores``): gradcheck in float64 against
+    finite differences, with decays strong enough that the masked upper triangle would matter, and with b
+    broadcast over the batch (its gradient summed back)."""
+    from layers.linear_attention import _LeafScores
+    q, k = (torch.randn(2, 2, 2, 8, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b = (-4 * torch.rand(batch_of_b, 2, 2, 8, 3, dtype=torch.float64)).cumsum(-2).requires_grad_()
+    assert _LeafScores.apply(q, k, b).dtype == torch.float64
+    assert torch.autograd.gradcheck(_LeafScores.apply, (q, k, b))
+
+
 @pytest.mark.parametrize("kind", ["head", "vector"])
 def test_chunk_bf16_close_to_float32(kind):
     B, H, T, Dk, Dv = 2, 2, 70, 16, 16
