@@ -4,7 +4,9 @@
     ``mamba2``  ``ssd_chunked`` against the token-by-token ``ssd_recurrent_ref`` (batch 4, 24 heads of 64,
                 d_state 128, 1 group; target: chunked >= 20x faster at T = 4096) and, where fla-core and CUDA
                 are present, fla's ``chunk_simple_gla`` on the same SSD (q = C, k = B, v = dt x, g = dt A,
-                scale 1, plus the D skip; target: chunked/kernel <= 1.1);
+                scale 1, plus the D skip; target: chunked/kernel <= 1.1); our Triton kernels (``fused_ssd``)
+                and, where importable, mamba-ssm's Triton SSD (``mamba_chunk_scan_combined``, its default chunk
+                of 256; target: ours/mamba-ssm <= 1.1);
     ``mamba``   ``selective_scan_chunked`` against ``selective_scan_ref`` (batch 2, d_inner 1536, d_state 16;
                 target >= 10x at T = 4096).
     The sequential references run fewer iterations (they take seconds).
@@ -29,6 +31,7 @@ Out-of-memory and other failures are reported in their row (``error``); the run 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from contextlib import nullcontext
@@ -57,6 +60,7 @@ TRAIN_TARGET = 2.0  # tokens/s over the attention model's, at least
 DECODE_TARGET = 5.0  # decoding tokens/s over the attention model's at the longest context, at least
 FLAT_MEMORY = 1.05  # peak decoding memory (state size on CPU) at the longest context over the shortest, at most
 FLA_SSD_OP = "fla.ops.simple_gla.chunk_simple_gla"
+MAMBA_SSM_MODULE = "mamba_ssm.ops.triton.ssd_combined"  # mamba-ssm's Triton SSD: a peer, never a dependency
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(device="cuda", dtype=torch.bfloat16, seq_lens=(1024, 4096), timing={"fast": (3, 10), "slow": (1, 3)},
@@ -133,6 +137,13 @@ def ssd_fla(x, dt, A, B, C, D):
     return (o.float() + x.float() * D[:, None]).to(x.dtype), state
 
 
+def ssd_mamba_ssm(x, dt, A, B, C, D):
+    """The SSD through mamba-ssm's Triton kernels, as its Mamba2 layer calls them (chunk 256; dt already positive,
+    so no dt bias or softplus here)."""
+    combined = importlib.import_module(MAMBA_SSM_MODULE).mamba_chunk_scan_combined
+    return combined(x, dt, A, B, C, 256, D=D, return_final_states=True)
+
+
 class ScanImpl(NamedTuple):
     name: str
     fn: Callable[..., Any]  # (**inputs) -> (y, final state)
@@ -152,10 +163,21 @@ def fla_unavailable(device: torch.device) -> str | None:
     return None if fla_available() else "fla-core is not importable"
 
 
+def mamba_ssm_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "mamba-ssm's kernels need CUDA"
+    try:
+        importlib.import_module(MAMBA_SSM_MODULE)
+    except Exception as e:  # noqa: BLE001 - its package __init__ imports CUDA extensions that may be missing
+        return f"mamba-ssm is not importable ({type(e).__name__})"
+    return None
+
+
 SCANS: dict[str, tuple[Callable[..., dict[str, torch.Tensor]], list[ScanImpl]]] = {
     "mamba2": (mamba2_inputs, [ScanImpl("sequential", ssd_recurrent_ref, "slow"), ScanImpl("chunked", ssd_chunked),
                                ScanImpl("triton", fused_ssd, unavailable=triton_unavailable),
-                               ScanImpl("kernel", ssd_fla, unavailable=fla_unavailable)]),
+                               ScanImpl("kernel", ssd_fla, unavailable=fla_unavailable),
+                               ScanImpl("mamba_ssm", ssd_mamba_ssm, unavailable=mamba_ssm_unavailable)]),
     "mamba": (mamba_inputs, [ScanImpl("sequential", selective_scan_ref, "slow"), ScanImpl("chunked", selective_scan_chunked)]),
 }
 
@@ -200,18 +222,23 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def scan_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per case and T: sequential / chunked (the speed-up) and chunked / kernel; targets at the longest T."""
+    """Per case and T: sequential / chunked (the speed-up), chunked / kernel and our kernels / mamba-ssm's; targets
+    at the longest T."""
     ms = {(r["case"], r["seq_len"], r["impl"]): r["fwd_bwd_ms"] for r in rows}
     longest = max(r["seq_len"] for r in rows)
     out = []
     for case, T in dict.fromkeys((r["case"], r["seq_len"]) for r in rows):
         speedup = ratio(ms.get((case, T, "sequential")), ms.get((case, T, "chunked")))
         vs_kernel = ratio(ms.get((case, T, "chunked")), ms.get((case, T, "kernel")))
+        vs_mamba_ssm = ratio(ms.get((case, T, "triton")), ms.get((case, T, "mamba_ssm")))
         out.append({"case": case, "seq_len": T, "speedup": speedup, "speedup_target": SPEEDUP_TARGETS[case],
                     "chunked_vs_triton": ratio(ms.get((case, T, "chunked")), ms.get((case, T, "triton"))),
                     "chunked_vs_kernel": vs_kernel, "kernel_target": KERNEL_TARGET if (case, T, "kernel") in ms else None,
                     "meets_speedup_target": None if T != longest else (speedup or 0) >= SPEEDUP_TARGETS[case],
-                    "meets_kernel_target": None if T != longest or vs_kernel is None else vs_kernel <= KERNEL_TARGET})
+                    "meets_kernel_target": None if T != longest or vs_kernel is None else vs_kernel <= KERNEL_TARGET,
+                    "triton_vs_mamba_ssm": vs_mamba_ssm,
+                    "meets_mamba_ssm_target": None if T != longest or vs_mamba_ssm is None
+                    else vs_mamba_ssm <= KERNEL_TARGET})
     return out
 
 
@@ -396,11 +423,14 @@ def markdown(report: dict[str, Any]) -> str:
         parts += [f"## Scans ({s['dtype']} activations, fwd+bwd)\n",
                   f"Shapes: {json.dumps(s['shapes'])}. Targets at the longest T: sequential/chunked at least the "
                   f"target column; chunked/kernel <= {KERNEL_TARGET} (kernel: fla's `{FLA_SSD_OP}`).\n",
-                  "chunked/triton: our torch chunked path over our Triton SSD kernels (`layers/ssd_kernel.py`).\n",
+                  "chunked/triton: our torch chunked path over our Triton SSD kernels (`layers/ssd_kernel.py`). "
+                  f"triton/mamba-ssm: our kernels over mamba-ssm's `{MAMBA_SSM_MODULE}.mamba_chunk_scan_combined` "
+                  f"(target <= {KERNEL_TARGET}).\n",
                   markdown_table(("case", "T", "sequential/chunked", "target", "target met", "chunked/triton",
-                                  "chunked/kernel", "target met"), (
+                                  "chunked/kernel", "target met", "triton/mamba-ssm", "target met"), (
                       (r["case"], r["seq_len"], fmt(r["speedup"], ".1f"), r["speedup_target"], yes_no(r["meets_speedup_target"]),
-                       fmt(r["chunked_vs_triton"], ".2f"), fmt(r["chunked_vs_kernel"], ".3f"), yes_no(r["meets_kernel_target"]))
+                       fmt(r["chunked_vs_triton"], ".2f"), fmt(r["chunked_vs_kernel"], ".3f"), yes_no(r["meets_kernel_target"]),
+                       fmt(r["triton_vs_mamba_ssm"], ".3f"), yes_no(r["meets_mamba_ssm_target"]))
                       for r in s["summary"])),
                   "Raw times:\n",
                   markdown_table(("case", "T", "impl", "iters", "fwd+bwd ms", "error"), (

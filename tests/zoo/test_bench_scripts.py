@@ -1,6 +1,8 @@
 """The state-space, mixer and mixture-of-experts GPU benchmark scripts and the Mamba CPU benchmark: their --smoke
 runs write complete reports."""
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -33,13 +35,36 @@ def test_ssm_scans_time_every_case_impl_and_length(ssm):
             assert r["fwd_bwd_ms"] is None and r["error"] == "fla kernels need CUDA"
         elif r["impl"] == "triton":  # so do ours
             assert r["fwd_bwd_ms"] is None and r["error"] == "our SSD kernels need CUDA and Triton"
+        elif r["impl"] == "mamba_ssm":  # and mamba-ssm's
+            assert r["fwd_bwd_ms"] is None and r["error"] == "mamba-ssm's kernels need CUDA"
         else:
             assert r["error"] is None and r["fwd_bwd_ms"] > 0
     summary = report["scans"]["summary"]
     assert len(summary) == 4 and all(s["speedup"] > 0 and s["chunked_vs_kernel"] is None and s["chunked_vs_triton"] is None
-                                 for s in summary)
+                                 and s["triton_vs_mamba_ssm"] is None for s in summary)
     assert [s["meets_speedup_target"] is None for s in summary] == [True, False, True, False]  # judged at the longest T
     assert report["device_name"] == "cpu" and "Card: **cpu**" in md and "## Scans" in md
+
+
+def test_ssm_mamba_ssm_peer(ssm, monkeypatch):
+    """mamba-ssm's SSD is a peer found by import: missing, the row says why; present, it is called as its Mamba2
+    layer calls it (chunk 256, D, the final states)."""
+    script = ssm[0]
+    assert script.mamba_ssm_unavailable(torch.device("cpu")) == "mamba-ssm's kernels need CUDA"
+    monkeypatch.setattr(script, "MAMBA_SSM_MODULE", "effzoo_no_such_module.ssd_combined")
+    assert script.mamba_ssm_unavailable(torch.device("cuda")) == "mamba-ssm is not importable (ModuleNotFoundError)"
+    calls = []
+
+    def combined(x, dt, A, B, C, chunk_size, D=None, return_final_states=False):
+        calls.append((chunk_size, return_final_states))
+        return script.ssd_chunked(x, dt, A, B, C, D)
+
+    monkeypatch.setitem(sys.modules, "fake_mamba_ssd", types.SimpleNamespace(mamba_chunk_scan_combined=combined))
+    monkeypatch.setattr(script, "MAMBA_SSM_MODULE", "fake_mamba_ssd")
+    assert script.mamba_ssm_unavailable(torch.device("cuda")) is None
+    inputs = script.mamba2_inputs(script.PRESETS["smoke"]["shapes"]["mamba2"], 8, torch.device("cpu"), torch.float32)
+    y, final = script.ssd_mamba_ssm(**inputs)
+    assert calls == [(256, True)] and y.shape == inputs["x"].shape and final.shape[-2:] == (8, 8)
 
 
 def test_ssm_training_and_decoding_rows(ssm):
