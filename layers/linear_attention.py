@@ -161,21 +161,20 @@ class _LeafScores(torch.autograd.Function):
 
     Autograd's own backward took the gradient of the [..., L, L, D] decays and reduced it once per side of the
     difference; compiled, those two extra reductions took 2.5 of GLA's 15.4 ms fwd+bwd at T = 16k on an H200.
-    Only q, k and b are kept for the backward."""
+    Compiled, only q, k and b are kept and the backward recomputes the decays inside its reductions; eager, the
+    decays are kept (a second exp cost more than their memory on CPU)."""
 
     @staticmethod
-    def forward(q, k, b):
+    def forward(ctx, q, k, b):
         dt = torch.promote_types(b.dtype, torch.float32)
-        return (q.to(dt)[..., :, None, :] * k.to(dt)[..., None, :, :] * _leaf_decays(b)).sum(-1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        e = _leaf_decays(b)
+        ctx.save_for_backward(q, k, b, None if torch.compiler.is_compiling() else e)
+        return (q.to(dt)[..., :, None, :] * k.to(dt)[..., None, :, :] * e).sum(-1)
 
     @staticmethod
     def backward(ctx, ds):
-        q, k, b = ctx.saved_tensors
-        e = _leaf_decays(b)
+        q, k, b, e = ctx.saved_tensors
+        e = _leaf_decays(b) if e is None else e
         qf, kf = q.to(ds.dtype), k.to(ds.dtype)
         dq = (ds[..., :, :, None] * kf[..., None, :, :] * e).sum(-2)
         dk = (ds[..., :, :, None] * qf[..., :, None, :] * e).sum(-3)

@@ -147,12 +147,19 @@ def test_chunk_backward_matches_naive(kind):
 def test_leaf_scores_backward_is_the_gradient(batch_of_b):
     """The leaf blocks' scores have a hand-written backward (``_LeafScores``): gradcheck in float64 against
     finite differences, with decays strong enough that the masked upper triangle would matter, and with b
-    broadcast over the batch (its gradient summed back)."""
+    broadcast over the batch (its gradient summed back). Compiled, the backward recomputes the decays instead of
+    keeping them: same gradients."""
     from layers.linear_attention import _LeafScores
     q, k = (torch.randn(2, 2, 2, 8, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     b = (-4 * torch.rand(batch_of_b, 2, 2, 8, 3, dtype=torch.float64)).cumsum(-2).requires_grad_()
     assert _LeafScores.apply(q, k, b).dtype == torch.float64
     assert torch.autograd.gradcheck(_LeafScores.apply, (q, k, b))
+    ds = torch.randn(2, 2, 2, 8, 8, dtype=torch.float64)
+    eager = torch.autograd.grad((_LeafScores.apply(q, k, b) * ds).sum(), (q, k, b))
+    compiled_fn = torch.compile(lambda q, k, b: (_LeafScores.apply(q, k, b) * ds).sum(), backend="aot_eager",
+                                fullgraph=True)
+    for got, ref in zip(torch.autograd.grad(compiled_fn(q, k, b), (q, k, b)), eager):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["head", "vector"])
