@@ -27,13 +27,18 @@ masks: as :mod:`layers.mamba`.
 ``backend``: ``auto`` runs the chunked SSD as Triton kernels (:mod:`layers.ssd_kernel`, forward and backward)
 where they run (CUDA, float32 / bfloat16 / float16, chunks of >= 16 tokens), falling back to
 :func:`ssd_chunked` with a warning if they fail at call time; ``triton`` requires them (errors propagate);
-``torch`` always runs :func:`ssd_chunked`. Decoding steps always run :func:`ssd_step`. The same choice applies
+``torch`` always runs :func:`ssd_chunked`; ``mamba_ssm`` runs mamba-ssm's Triton SSD
+(``mamba_chunk_scan_combined``, CUDA, when mamba-ssm is installed: a peer to compare against; ``auto`` keeps ours,
+which took 0.54x its fwd+bwd time at lm-125m-mamba2's training shape on an H200,
+``docs/benchmarks/ssd_mamba_ssm_gpu.md``). Decoding steps always run :func:`ssd_step`. The same choice applies
 to the short conv and its SiLU from a zero cache without padding (training; :mod:`layers.causal_conv_kernel`).
 On an H200 the layer's fwd+bwd at [2, 16384, 768] (bf16 autocast) took 6.3 ms with the SSD kernels against
 8.5 ms on the torch path, both compiled, and 10.4 against 26.5 ms eagerly; the conv kernels then brought it from
 5.5 to 5.1 ms compiled (``docs/benchmarks/ssd_kernels_gpu.md``).
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +50,8 @@ from layers.linear_attention import check_chunk_size, chunk_states, try_kernel
 from layers.mamba import SelectiveSSMMixer, check_dt_range, check_positive_int, dt_bias_init, expanded_width
 from layers.mixer import State, register_mixer
 
-SSD_BACKENDS = ("auto", "torch", "triton")
+SSD_BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
+MAMBA_SSM_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 
 # Layout (mamba-ssm's): x [B, T, H, P]; dt [B, T, H] (after softplus); A [H]; B, C [B, T, G, N]; D [H];
 # state [B, H, P, N].
@@ -174,6 +180,22 @@ def ssd_step(x, dt, A, B, C, D=None, initial_state=None):
     return y[:, None].to(x.dtype), h.flatten(1, 2)
 
 
+def mamba_ssm_unavailable() -> str | None:
+    """Why mamba-ssm's Triton SSD cannot be imported here, or None when it can."""
+    try:
+        importlib.import_module(MAMBA_SSM_MODULE)
+    except Exception as e:  # noqa: BLE001 - mamba_ssm's package __init__ also imports its CUDA extensions
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def ssd_mamba_ssm(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
+    """:func:`ssd_chunked` (same arguments and outputs) through mamba-ssm's ``mamba_chunk_scan_combined``: dt is
+    already positive here, so no dt bias or softplus is passed on."""
+    combined = importlib.import_module(MAMBA_SSM_MODULE).mamba_chunk_scan_combined
+    return combined(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True)
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm(y * silu(z)) * weight over groups of ``group_size`` channels, in float32 (mamba-ssm's
     ``RMSNormGated`` with norm_before_gate=False): the gate acts before the normalisation."""
@@ -220,6 +242,9 @@ class Mamba2(SelectiveSSMMixer):
         if backend == "triton" and ssd_kernel.triton is None:
             raise ValueError("backend='triton' needs Triton (it comes with torch's Linux CUDA wheels), which is not "
                              "importable here; use backend='auto' or 'torch'")
+        if backend == "mamba_ssm" and (why := mamba_ssm_unavailable()) is not None:
+            raise ValueError(f"backend='mamba_ssm' needs mamba-ssm's Triton SSD ({MAMBA_SSM_MODULE}), which does not "
+                             f"import here ({why}); use backend='auto', 'triton' or 'torch'")
         self.backend = backend
         self.d_state = check_positive_int("d_state", d_state)
         self.d_conv = check_positive_int("d_conv", d_conv)
@@ -297,8 +322,13 @@ class Mamba2(SelectiveSSMMixer):
         return F.silu(y).transpose(1, 2), cache
 
     def _chunked(self, *args):
-        """The chunked SSD through the kernels or the torch path (``backend``)."""
+        """The chunked SSD through our kernels, mamba-ssm's or the torch path (``backend``)."""
         x = args[0]
+        if self.backend == "mamba_ssm":
+            if x.device.type != "cuda":
+                raise ValueError(f"backend='mamba_ssm' needs CUDA tensors (mamba-ssm's kernels are CUDA only); got a "
+                                 f"tensor on {x.device.type}; use backend='auto' or 'torch'")
+            return ssd_mamba_ssm(*args, chunk_size=self.chunk_size)
         kernels = self.backend != "torch" and ssd_kernel.supports(x, self.chunk_size)
         if self.backend == "triton" and not kernels:
             raise ValueError(f"backend='triton' needs a CUDA float32/bfloat16/float16 input and chunk_size >= 16; "

@@ -31,7 +31,6 @@ Out-of-memory and other failures are reported in their row (``error``); the run 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from contextlib import nullcontext
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 
 from layers.linear_attention import call_fla, fla_available
 from layers.mamba import selective_scan_chunked, selective_scan_ref
-from layers.mamba2 import Mamba2, ssd_chunked, ssd_recurrent_ref
+from layers.mamba2 import MAMBA_SSM_MODULE, Mamba2, mamba_ssm_unavailable, ssd_chunked, ssd_mamba_ssm, ssd_recurrent_ref
 from layers.registry import close_matches
 from layers.ssd_kernel import fused_ssd, triton
 from bench_spine_gpu import train_step
@@ -60,7 +59,6 @@ TRAIN_TARGET = 2.0  # tokens/s over the attention model's, at least
 DECODE_TARGET = 5.0  # decoding tokens/s over the attention model's at the longest context, at least
 FLAT_MEMORY = 1.05  # peak decoding memory (state size on CPU) at the longest context over the shortest, at most
 FLA_SSD_OP = "fla.ops.simple_gla.chunk_simple_gla"
-MAMBA_SSM_MODULE = "mamba_ssm.ops.triton.ssd_combined"  # mamba-ssm's Triton SSD: a peer, never a dependency
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(device="cuda", dtype=torch.bfloat16, seq_lens=(1024, 4096), timing={"fast": (3, 10), "slow": (1, 3)},
@@ -137,11 +135,9 @@ def ssd_fla(x, dt, A, B, C, D):
     return (o.float() + x.float() * D[:, None]).to(x.dtype), state
 
 
-def ssd_mamba_ssm(x, dt, A, B, C, D):
-    """The SSD through mamba-ssm's Triton kernels, as its Mamba2 layer calls them (chunk 256; dt already positive,
-    so no dt bias or softplus here)."""
-    combined = importlib.import_module(MAMBA_SSM_MODULE).mamba_chunk_scan_combined
-    return combined(x, dt, A, B, C, 256, D=D, return_final_states=True)
+def ssd_mamba_ssm_default_chunk(x, dt, A, B, C, D):
+    """The SSD through mamba-ssm's Triton kernels at the chunk its Mamba2 layer uses (256)."""
+    return ssd_mamba_ssm(x, dt, A, B, C, D, chunk_size=256)
 
 
 class ScanImpl(NamedTuple):
@@ -163,21 +159,18 @@ def fla_unavailable(device: torch.device) -> str | None:
     return None if fla_available() else "fla-core is not importable"
 
 
-def mamba_ssm_unavailable(device: torch.device) -> str | None:
+def mamba_ssm_missing(device: torch.device) -> str | None:
     if device.type != "cuda":
         return "mamba-ssm's kernels need CUDA"
-    try:
-        importlib.import_module(MAMBA_SSM_MODULE)
-    except Exception as e:  # noqa: BLE001 - its package __init__ imports CUDA extensions that may be missing
-        return f"mamba-ssm is not importable ({type(e).__name__})"
-    return None
+    why = mamba_ssm_unavailable()
+    return None if why is None else f"mamba-ssm is not importable ({why.split(':')[0]})"
 
 
 SCANS: dict[str, tuple[Callable[..., dict[str, torch.Tensor]], list[ScanImpl]]] = {
     "mamba2": (mamba2_inputs, [ScanImpl("sequential", ssd_recurrent_ref, "slow"), ScanImpl("chunked", ssd_chunked),
                                ScanImpl("triton", fused_ssd, unavailable=triton_unavailable),
                                ScanImpl("kernel", ssd_fla, unavailable=fla_unavailable),
-                               ScanImpl("mamba_ssm", ssd_mamba_ssm, unavailable=mamba_ssm_unavailable)]),
+                               ScanImpl("mamba_ssm", ssd_mamba_ssm_default_chunk, unavailable=mamba_ssm_missing)]),
     "mamba": (mamba_inputs, [ScanImpl("sequential", selective_scan_ref, "slow"), ScanImpl("chunked", selective_scan_chunked)]),
 }
 

@@ -102,11 +102,11 @@ def check_custom_ops(device: str) -> None:
                                                          states, dec, case[6]))
 
 
-def check_mixer(device: str, dtype: torch.dtype, ngroups: int) -> None:
-    """Mamba2 with backend='triton' against backend='torch' (same weights): outputs and every gradient, on a batch
-    with left padding and on one without a mask (where the conv kernels of layers.causal_conv_kernel run too), in
-    float32 (the kernels' tolerance) or at most RATIO x the torch path's error in lower precisions (both against
-    the float64 torch path)."""
+def check_mixer(device: str, dtype: torch.dtype, ngroups: int, backend: str = "triton") -> None:
+    """Mamba2 with ``backend`` (our kernels, or mamba-ssm's) against backend='torch' (same weights): outputs and
+    every gradient, on a batch with left padding and on one without a mask (where the conv kernels of
+    layers.causal_conv_kernel run too), in float32 (the kernels' tolerance) or at most RATIO x the torch path's
+    error in lower precisions (both against the float64 torch path)."""
     from layers.mamba2 import Mamba2
 
     torch.manual_seed(0)
@@ -125,15 +125,15 @@ def check_mixer(device: str, dtype: torch.dtype, ngroups: int) -> None:
     for masked in (mask, None):
         want = run(ref, x, masked)
         results = {}
-        for backend in ("triton", "torch"):
-            module = Mamba2(32, 1, d_state=16, headdim=16, ngroups=ngroups, chunk_size=16, backend=backend)
+        for name in (backend, "torch"):
+            module = Mamba2(32, 1, d_state=16, headdim=16, ngroups=ngroups, chunk_size=16, backend=name)
             module = module.to(device, dtype)
             module.load_state_dict(ref.state_dict())
-            results[backend] = run(module, x.to(dtype), masked)
-        for i, (a, t, r) in enumerate(zip(results["triton"], results["torch"], want)):
+            results[name] = run(module, x.to(dtype), masked)
+        for i, (a, t, r) in enumerate(zip(results[backend], results["torch"], want)):
             ours, theirs = error(a, r), error(t, r)
             limit = FLOAT32_TOL if dtype == torch.float32 else RATIO * theirs + 1e-6
-            assert ours <= limit, (f"mixer {dtype} ngroups={ngroups} masked={masked is not None} output/grad {i}: "
+            assert ours <= limit, (f"mixer {backend} {dtype} ngroups={ngroups} masked={masked is not None} output/grad {i}: "
                                    f"error {ours:.2e} > {limit:.2e}")
 
 

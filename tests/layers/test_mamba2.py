@@ -12,13 +12,17 @@ The SSD forms with strong decays (dt A down to -80) are compared in float64 (see
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.mamba2 import Mamba2, segsum, ssd_chunked, ssd_quadratic_ref, ssd_recurrent_ref, ssd_step
+from layers import mamba2
+from layers.mamba2 import (Mamba2, mamba_ssm_unavailable, segsum, ssd_chunked, ssd_mamba_ssm, ssd_quadratic_ref,
+                           ssd_recurrent_ref, ssd_step)
 from mixer_checks import (BF16_TOL, assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph,
                           check_decoding_after_masked_prefill, check_fully_padded_rows, check_grads_match,
                           check_input_errors, check_mixer_matches_reference_grads,
@@ -300,3 +304,46 @@ def test_bad_options(kwargs, name):
 def test_bad_inputs():
     m = make_mixer()
     check_input_errors(m)
+
+
+# --- mamba-ssm's SSD as a backend -----------------------------------------------------------------------------
+
+
+def test_mamba_ssm_backend_refused_without_mamba_ssm(monkeypatch):
+    monkeypatch.setattr(mamba2, "MAMBA_SSM_MODULE", "effzoo_no_such_module.ssd_combined")
+    assert mamba_ssm_unavailable().startswith("ModuleNotFoundError")
+    with pytest.raises(ValueError, match="backend='mamba_ssm' needs mamba-ssm's Triton SSD"):
+        Mamba2(32, 2, headdim=16, backend="mamba_ssm")
+
+
+def test_mamba_ssm_backend_call(monkeypatch):
+    """With mamba-ssm importable (a stand-in module here), the layer builds; CPU tensors are refused (its kernels
+    are CUDA only); ``ssd_mamba_ssm`` passes the chunk size, D and the initial state on in mamba_chunk_scan_combined's
+    signature and returns (y, final state)."""
+    calls = []
+
+    def combined(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
+        calls.append((chunk_size, D is not None, initial_states is not None, return_final_states))
+        return ssd_chunked(x, dt, A, B, C, D, initial_states, chunk_size)
+
+    monkeypatch.setitem(sys.modules, "fake_ssd_combined", types.SimpleNamespace(mamba_chunk_scan_combined=combined))
+    monkeypatch.setattr(mamba2, "MAMBA_SSM_MODULE", "fake_ssd_combined")
+    assert mamba_ssm_unavailable() is None
+    m = Mamba2(32, 2, headdim=16, d_state=8, chunk_size=16, backend="mamba_ssm")
+    with pytest.raises(ValueError, match="backend='mamba_ssm' needs CUDA tensors"):
+        m(torch.randn(1, 5, 32))
+    x, B, C = torch.randn(2, 9, 3, 4), torch.randn(2, 9, 1, 8), torch.randn(2, 9, 1, 8)
+    dt, A, D, h0 = torch.rand(2, 9, 3), -torch.rand(3), torch.randn(3), torch.randn(2, 3, 4, 8)
+    y, h = ssd_mamba_ssm(x, dt, A, B, C, D, h0, chunk_size=16)
+    assert calls == [(16, True, True, True)] and y.shape == x.shape and h.shape == h0.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mamba_ssm_backend_matches_torch_on_cuda(dtype):
+    """Outputs and every gradient against the torch path, with and without padding (mamba-ssm's dots run at
+    Triton's default precision, TF32 in float32, so only the lower precisions are compared)."""
+    if (why := mamba_ssm_unavailable()) is not None:
+        pytest.skip(f"mamba-ssm's Triton SSD does not import here ({why})")
+    from ssd_kernel_checks import check_mixer
+    check_mixer("cuda", dtype, ngroups=2, backend="mamba_ssm")

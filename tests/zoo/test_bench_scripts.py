@@ -47,23 +47,24 @@ def test_ssm_scans_time_every_case_impl_and_length(ssm):
 
 
 def test_ssm_mamba_ssm_peer(ssm, monkeypatch):
-    """mamba-ssm's SSD is a peer found by import: missing, the row says why; present, it is called as its Mamba2
-    layer calls it (chunk 256, D, the final states)."""
+    """mamba-ssm's SSD is a peer found by import: missing, the row says why; present, it runs at its layer's
+    chunk of 256 (``layers.mamba2.ssd_mamba_ssm``)."""
+    from layers import mamba2
     script = ssm[0]
-    assert script.mamba_ssm_unavailable(torch.device("cpu")) == "mamba-ssm's kernels need CUDA"
-    monkeypatch.setattr(script, "MAMBA_SSM_MODULE", "effzoo_no_such_module.ssd_combined")
-    assert script.mamba_ssm_unavailable(torch.device("cuda")) == "mamba-ssm is not importable (ModuleNotFoundError)"
+    assert script.mamba_ssm_missing(torch.device("cpu")) == "mamba-ssm's kernels need CUDA"
+    monkeypatch.setattr(mamba2, "MAMBA_SSM_MODULE", "effzoo_no_such_module.ssd_combined")
+    assert script.mamba_ssm_missing(torch.device("cuda")) == "mamba-ssm is not importable (ModuleNotFoundError)"
     calls = []
 
-    def combined(x, dt, A, B, C, chunk_size, D=None, return_final_states=False):
+    def combined(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
         calls.append((chunk_size, return_final_states))
-        return script.ssd_chunked(x, dt, A, B, C, D)
+        return script.ssd_chunked(x, dt, A, B, C, D, initial_states)
 
     monkeypatch.setitem(sys.modules, "fake_mamba_ssd", types.SimpleNamespace(mamba_chunk_scan_combined=combined))
-    monkeypatch.setattr(script, "MAMBA_SSM_MODULE", "fake_mamba_ssd")
-    assert script.mamba_ssm_unavailable(torch.device("cuda")) is None
+    monkeypatch.setattr(mamba2, "MAMBA_SSM_MODULE", "fake_mamba_ssd")
+    assert script.mamba_ssm_missing(torch.device("cuda")) is None
     inputs = script.mamba2_inputs(script.PRESETS["smoke"]["shapes"]["mamba2"], 8, torch.device("cpu"), torch.float32)
-    y, final = script.ssd_mamba_ssm(**inputs)
+    y, final = script.ssd_mamba_ssm_default_chunk(**inputs)
     assert calls == [(256, True)] and y.shape == inputs["x"].shape and final.shape[-2:] == (8, 8)
 
 
