@@ -139,6 +139,7 @@ def check_mixer(device: str, dtype: torch.dtype, ngroups: int, backend: str = "t
 
 if __name__ == "__main__":
     import layers.causal_conv_kernel
+    import layers.gated_norm_kernel
     import layers.ssd_kernel
 
     for i, case in enumerate(CASES):
@@ -149,6 +150,7 @@ if __name__ == "__main__":
     # the interpreter's CPU tensors count as the kernels' device
     layers.ssd_kernel.supports = lambda x, chunk_size: True
     layers.causal_conv_kernel.supports = lambda x: True
+    layers.gated_norm_kernel.supports = lambda y: True
     for ngroups in (1, 2):
         check_mixer("cpu", torch.float32, ngroups)
     print(f"{2 * len(CASES) + 4} interpreted checks passed")
