@@ -1,5 +1,5 @@
-"""Optional Triton for the fused kernels of ``layers/`` (MoE permutation, SwiGLU, ToMe merging, Mamba-2's SSD and
-short conv).
+"""Optional Triton for the fused kernels of ``layers/`` (MoE permutation, SwiGLU, ToMe merging, Mamba-2's SSD,
+short conv and gated RMSNorm).
 
 Triton ships with torch's Linux CUDA wheels; without it every kernel's torch reference runs. Under
 ``TRITON_INTERPRET=1`` (set before triton is first imported) the kernels run on CPU tensors in Triton's
