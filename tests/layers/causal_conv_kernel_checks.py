@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from layers.causal_conv import causal_conv1d  # noqa: E402
 from layers.causal_conv_kernel import BLOCK_C, BLOCK_T, conv1d_silu  # noqa: E402
+from triton_interpreter import check_compiled_like_eager  # noqa: E402
 
 # float32: a few roundings of the float64 result (sums of K products); lower precisions: RATIO x the error of the
 # torch path (F.conv1d and SiLU in the inputs' dtype) on the same rounded inputs, plus a small floor
@@ -95,14 +96,8 @@ def check_custom_ops(device):
 
 def check_compiled(device):
     """Under torch.compile (aot_eager on CPU, inductor on CUDA) the custom ops give the eager kernels' results."""
-    case = CASES[2]
-    x, w, b, dy = inputs(case, device, seed=3)
-    fn = lambda xl, wl, bl: conv1d_silu(xl, wl, bl)
-    eager = grads(fn, x, w, b, dy)
-    compiled = grads(torch.compile(fn, backend="aot_eager" if device == "cpu" else "inductor", fullgraph=True),
-                     x, w, b, dy)
-    for e, c in zip(eager, compiled):
-        assert torch.equal(e, c)
+    check_compiled_like_eager(grads, lambda xl, wl, bl: conv1d_silu(xl, wl, bl), *inputs(CASES[2], device, seed=3),
+                              device=device)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from layers.gated_norm_kernel import ROWS_PER_SPAN, gated_rms_norm  # noqa: E402
 from layers.mamba2 import GatedRMSNorm  # noqa: E402
+from triton_interpreter import check_compiled_like_eager  # noqa: E402
 
 FLOAT32_TOL = 1e-5
 RATIO, FLOOR = 2.0, 1e-3
@@ -93,13 +94,8 @@ def check_custom_ops(device):
 def check_compiled(device):
     """Under torch.compile (aot_eager on CPU, inductor on CUDA) the custom ops give the eager kernels' results."""
     case = CASES[2]
-    y, z, w, dout = inputs(case, device, seed=3)
-    fn = lambda a, b, c: gated_rms_norm(a, b, c, case[2])
-    eager = grads(fn, y, z, w, dout)
-    compiled = grads(torch.compile(fn, backend="aot_eager" if device == "cpu" else "inductor", fullgraph=True),
-                     y, z, w, dout)
-    for e, c in zip(eager, compiled):
-        assert torch.equal(e, c)
+    check_compiled_like_eager(grads, lambda a, b, c: gated_rms_norm(a, b, c, case[2]), *inputs(case, device, seed=3),
+                              device=device)
 
 
 if __name__ == "__main__":
