@@ -349,8 +349,8 @@ class Mamba2(SelectiveSSMMixer):
         without them and 5.59 ms with them, the eager layer 6.96 ms without and 5.73 ms with them."""
         norm = self.norm
         if self.backend != "torch" and not torch.compiler.is_compiling() and gated_norm_kernel.supports(y):
-            out = try_kernel("the gated RMSNorm kernels", y.dtype, self.backend == "triton",
-                             lambda: gated_norm_kernel.gated_rms_norm(y, z, norm.weight, norm.group_size, norm.eps))
+            out = self._run_kernels("the gated RMSNorm kernels", y.dtype,
+                                    lambda: gated_norm_kernel.gated_rms_norm(y, z, norm.weight, norm.group_size, norm.eps))
             if out is not None:
                 return out
         return norm(y, z)
