@@ -14,8 +14,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from layers.causal_conv import causal_conv1d  # noqa: E402
-from layers.causal_conv_kernel import BLOCK_C, BLOCK_T, conv1d_silu  # noqa: E402
+from layers.causal_conv_kernel import DPRE_TILE, FORWARD_TILE, DX_TILE, conv1d_silu  # noqa: E402
 from triton_interpreter import check_compiled_like_eager  # noqa: E402
+
+BLOCK_T = max(t.rows for t in (FORWARD_TILE, DPRE_TILE, DX_TILE))  # shapes off every kernel's tiles
+BLOCK_C = max(t.channels for t in (FORWARD_TILE, DPRE_TILE, DX_TILE))
 
 # float32: a few roundings of the float64 result (sums of K products); lower precisions: RATIO x the error of the
 # torch path (F.conv1d and SiLU in the inputs' dtype) on the same rounded inputs, plus a small floor
