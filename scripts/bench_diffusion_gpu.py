@@ -20,6 +20,9 @@ inputs: 4x64x64 latents and 77x768 text states for the text-conditioned U-Nets.
 Failures (out of memory, a refused acceleration) are reported in their row (``error``); the run goes on.
 
     python scripts/bench_diffusion_gpu.py [--out DIR] [--only step|sampling]
+    python scripts/bench_diffusion_gpu.py --only sampling --methods tome_sd --attention-backend math --latent 64
+        # the sampling section in another setting (written as diffusion_gpu_sampling_math_latent64.*): here the
+        # ToMe-SD paper's, attention without a fused kernel
     python scripts/bench_diffusion_gpu.py --smoke --out DIR   # CPU, toy-width U-Nets of the same layouts
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts, as top-level modules
@@ -39,7 +42,7 @@ from bench_ssm_gpu import fmt, guarded, ratio, say, yes_no
 from bench_vit_gpu import target_text
 from zoo.acceleration import deepcache, remove, tome_sd
 from zoo.bench import interleaved_median_ms, markdown_table, median_ms, write_report
-from zoo.models.diffusion import DiffusionBackbone
+from zoo.models.diffusion import AttentionBackend, DiffusionBackbone
 from zoo.registry import create_model
 
 STEP_TARGETS = {"unet-bk-small": 0.70, "unet-bk-tiny": 0.60}  # ms over unet-sd15's, at most
@@ -159,15 +162,16 @@ def sampling_time(method: str, p: dict[str, Any]) -> dict[str, Any]:
         remove(model)
 
 
-def sampling_rows(p: dict[str, Any]) -> list[dict[str, Any]]:
+def sampling_rows(p: dict[str, Any], methods: list[str], judged: bool = True) -> list[dict[str, Any]]:
+    """Plain sampling, then each of ``methods``; ``judged``: the targets apply (the default setting only)."""
     device, rows = torch.device(p["device"]), []
-    for method in ("plain", *ACCELERATIONS):
+    for method in ("plain", *methods):
         options = ACCELERATIONS[method][1] if method != "plain" else {}
         row = {"section": "sampling", "model": p["sampling_model"][0], "method": method, "options": options,
                "batch": p["batch"], "steps": p["steps"], "guidance": p["guidance"], "seconds": None, "error": None}
         rows.append(guarded(row, device, lambda: sampling_time(method, p)))
         row["speedup"] = ratio(rows[0]["seconds"], row["seconds"])  # rows[0]: plain sampling
-        row["target"] = SAMPLING_TARGETS.get(method)
+        row["target"] = SAMPLING_TARGETS.get(method) if judged else None
         row["meets_target"] = None if row["target"] is None or row["speedup"] is None else row["speedup"] >= row["target"]
         say(f"sampling {method:<16} {json.dumps(options):<18} " + (
             f"{row['seconds']:8.3f} s/batch  {fmt(row['speedup'])}x plain" if row["error"] is None else row["error"]))
@@ -190,8 +194,10 @@ def markdown(report: dict[str, Any]) -> str:
                       for r in report["step"]))]
     if "sampling" in report:
         rows = report["sampling"]
-        parts += [f"## Sampling ({rows[0]['model']}, {rows[0]['steps']} DDIM steps, guidance {rows[0]['guidance']})\n",
-                  "speedup: plain's seconds over the row's, same run. Targets: the target column.\n",
+        setting = "".join(f", {k} {v}" for k, v in report.get("sampling_setting", {}).items())
+        parts += [f"## Sampling ({rows[0]['model']}{setting}, {rows[0]['steps']} DDIM steps, guidance {rows[0]['guidance']})\n",
+                  "speedup: plain's seconds over the row's, same run. Targets: the target column"
+                  + (" (judged in the default setting only).\n" if setting else ".\n"),
                   markdown_table(("method", "options", "s/batch", "speedup", "target", "target met", "error"), (
                       (r["method"], json.dumps(r["options"]) if r["options"] else "", fmt(r["seconds"], ".3f"),
                        fmt(r["speedup"]), target_text(r["target"], ">="), yes_no(r["meets_target"]), r["error"] or "")
@@ -204,8 +210,18 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--smoke", action="store_true", help="CPU, toy-width models, fp32: check the script runs")
     parser.add_argument("--only", choices=("step", "sampling"), help="run one section")
+    parser.add_argument("--methods", nargs="+", choices=tuple(ACCELERATIONS), default=list(ACCELERATIONS),
+                        help="the sampling rows timed after plain (default: all)")
+    parser.add_argument("--attention-backend", choices=get_args(AttentionBackend),
+                        help="the sampling model's attention backend (default: the model's, auto)")
+    parser.add_argument("--latent", type=int, help="the sampling model's latent size (default: the model's)")
     args = parser.parse_args(argv)
+    setting = {k: v for k, v in (("attention_backend", args.attention_backend), ("sample_size", args.latent)) if v}
+    if setting and args.only != "sampling":
+        parser.error("--attention-backend and --latent set the sampling model: pass --only sampling")
     p = PRESETS["smoke" if args.smoke else "gpu"]
+    name, overrides = p["sampling_model"]
+    p = {**p, "sampling_model": (name, {**overrides, **setting})}
     if p["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available: run this on the GPU machine, or pass --smoke for the CPU check")
     import diffusers
@@ -218,8 +234,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     if args.only in (None, "step"):
         report["step"] = step_rows(p)
     if args.only in (None, "sampling"):
-        report["sampling"] = sampling_rows(p)
-    return write_report(report, args.out, "diffusion_gpu" if not args.only else f"diffusion_gpu_{args.only}", markdown)
+        report["sampling_setting"] = setting
+        report["sampling"] = sampling_rows(p, args.methods, judged=not setting)
+    stem = "_".join(["diffusion_gpu", *([args.only] if args.only else []),
+                     *([args.attention_backend] if args.attention_backend else []),
+                     *([f"latent{args.latent}"] if args.latent else [])])
+    return write_report(report, args.out, stem, markdown)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,22 @@ def test_diffusion_sampling_rows(diffusion):
     assert "## Sampling (unet-sd15, 3 DDIM steps, guidance 7.5)" in md
 
 
+def test_diffusion_sampling_in_another_setting(diffusion, tmp_path):
+    """--attention-backend / --latent set the sampling model (named in the title and the file); --methods narrows
+    the rows; the step section refuses them."""
+    script = diffusion[0]
+    paths = script.main(["--smoke", "--out", str(tmp_path), "--only", "sampling", "--methods", "tome_sd",
+                         "--attention-backend", "math", "--latent", "8"])
+    assert paths["json"].name == "diffusion_gpu_sampling_math_latent8.json"
+    report, md = json.loads(paths["json"].read_text()), paths["md"].read_text()
+    assert [r["method"] for r in report["sampling"]] == ["plain", "tome_sd"]
+    assert all(r["error"] is None and r["seconds"] > 0 and r["target"] is None for r in report["sampling"])
+    assert report["sampling_setting"] == {"attention_backend": "math", "sample_size": 8}
+    assert "## Sampling (unet-sd15, attention_backend math, sample_size 8, 3 DDIM steps" in md
+    with pytest.raises(SystemExit):
+        script.main(["--smoke", "--out", str(tmp_path), "--attention-backend", "math"])
+
+
 def test_sampling_removes_the_acceleration(diffusion, monkeypatch):
     """Each sampling row's acceleration is taken off its model afterwards, even when sampling fails."""
     from zoo.acceleration import applied
