@@ -35,7 +35,7 @@ to the short conv and its SiLU from a zero cache without padding (training; :mod
 and, in eager forward and prefill calls, to the gated RMSNorm (:mod:`layers.gated_norm_kernel`).
 On an H200 the layer's fwd+bwd at [2, 16384, 768] (bf16 autocast) took 6.3 ms with the SSD kernels against
 8.5 ms on the torch path, both compiled, and 10.4 against 26.5 ms eagerly; the conv kernels then brought it from
-5.5 to 5.1 ms compiled (``docs/benchmarks/ssd_kernels_gpu.md``).
+5.5 to 5.1 ms compiled, and their per-kernel tiles to 4.8 ms (``docs/benchmarks/ssd_kernels_gpu.md``).
 """
 from __future__ import annotations
 
