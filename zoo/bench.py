@@ -27,7 +27,9 @@ from zoo.train import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REGIMES = ("latency", "throughput")
-TOKENS_PER_BATCH = 65536  # the default throughput batch of LMs and mixers fills this many tokens
+# the default throughput batch of LMs and mixers fills this many tokens (a GPU's, and a CPU's: 65,536 tokens of
+# lm-tiny and vit-tiny's rows at T = 256 and 1024 took over 20 minutes on two cores)
+TOKENS_PER_BATCH = {"cuda": 65536, "cpu": 4096}
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Target:
 
 
 def tokens_batch(seq_len: int, device: torch.device) -> int:
-    return max(1, TOKENS_PER_BATCH // seq_len)
+    return max(1, TOKENS_PER_BATCH["cuda" if device.type == "cuda" else "cpu"] // seq_len)
 
 
 def lm_target(name: str, meta: nn.Module, seq_lens: tuple[int, ...], **_) -> Target:
@@ -362,7 +364,7 @@ def benchmark(names: Sequence[str], device: str = "auto", dtype: str = "float32"
     """Benchmark registered models and mixers (and their peers); one row per name, impl, seq_len and regime.
 
     ``latency`` rows run batch 1; ``throughput`` rows run ``batch``, by default ~64k tokens for LMs and
-    mixers (``65536 // T``) and 64 images for ViTs (8 on CPU). ``dim``/``num_heads`` shape mixers only;
+    mixers (``65536 // T``; ``4096 // T`` on CPU) and 64 images for ViTs (8 on CPU). ``dim``/``num_heads`` shape mixers only;
     ViTs run at their own image size, whatever ``seq_lens`` says. ``dtype`` casts weights and inputs
     (bfloat16/float16 on CUDA only). ``macs`` is ``fwd_flops / 2``: the counter counts 2 FLOPs per
     multiply-add. A row whose run hit CUDA out-of-memory carries ``error: "oom"`` and no timings.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -170,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"zoo {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the reader of our output left (`zoo list | head`): stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(1)
 
 
 if __name__ == "__main__":

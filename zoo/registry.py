@@ -142,6 +142,8 @@ def _resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
         return checkpoint_root() / name / pretrained
     if Path(pretrained).is_dir():
         return Path(pretrained)
+    if Path(pretrained).expanduser().parts[1:] or pretrained.startswith((".", "~")):  # a path, not a tag
+        raise ValueError(f"pretrained={pretrained!r}: no such checkpoint folder")
     raise unknown_name_error(f"pretrained tag of {name}", pretrained, tags, listing="zoo.list_models(pretrained=True)")
 
 

@@ -335,7 +335,11 @@ def train(run: RunConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start_step, consumed = 0, 0
     if resume_from is not None:
-        load_weights(model, resume_from)
+        try:
+            load_weights(model, resume_from)
+        except ValueError as e:
+            raise ValueError(f"{e}. resume=true rebuilds the model from the config and overrides given now: pass the "
+                             f"ones the run started with (its {out_dir / 'run.json'})") from None
         state = read_json(resume_from / "trainer_state.json")
         tensors = load_tensors(resume_from / "trainer_state.safetensors")
         load_optimizer_state(optimizer, tensors, state["optimizer"])

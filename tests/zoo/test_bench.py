@@ -124,6 +124,14 @@ def test_lm_longer_than_max_seq_len_gets_a_longer_model():
     assert make_target("lm-tiny", (2048,), 64, 4).build().config.max_seq_len == 2048
 
 
+def test_default_throughput_batch_fits_the_device():
+    """~64k tokens a batch on a GPU; on a CPU 4096, so the README's `zoo bench` example finishes in minutes."""
+    from zoo.bench import tokens_batch
+
+    assert tokens_batch(1024, torch.device("cuda")) == 64 and tokens_batch(256, torch.device("cuda")) == 256
+    assert tokens_batch(1024, torch.device("cpu")) == 4 and tokens_batch(8192, torch.device("cpu")) == 1
+
+
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(ValueError, match="Did you mean: attention"):
         benchmark(["atention"], device="cpu")

@@ -58,6 +58,21 @@ def test_module_entrypoint_runs():
     assert result.returncode == 0 and result.stdout.split() == ["lm-tiny"]
 
 
+def test_output_cut_short_by_its_reader_ends_quietly():
+    """`zoo list | head -1`: the closed pipe ends the command without a traceback."""
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'zoo.cli', 'list'], "
+            "stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.readline(); p.stdout.close(); "
+            "print(p.wait(), p.stderr.read().decode())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "Traceback" not in result.stdout, result.stdout
+
+
+def test_zoo_convert_is_reachable_after_import_zoo():
+    import zoo
+
+    assert callable(zoo.convert.from_timm)
+
+
 def test_bench_writes_a_table(tmp_path, capsys):
     main(["bench", "attention", "--seq-lens", "16", "--batch", "2", "--dim", "32", "--heads", "2", "--iters", "1",
           "--out", str(tmp_path)])

@@ -580,6 +580,9 @@ def test_pretrained_true_without_checkpoints(empty_checkpoints):
         zoo.create_model("lm-tiny", pretrained=True)
     with pytest.raises(ValueError, match="unknown pretrained tag of lm-tiny 'mqar'"):
         zoo.create_model("lm-tiny.mqar")
+    for path in ("runs/x/checkpoints/step_00000600", "./step_1", "~/nowhere"):  # a path, not a tag: said so
+        with pytest.raises(ValueError, match="no such checkpoint folder"):
+            zoo.create_model("lm-tiny", pretrained=path)
 
 
 def test_pretrained_tag_listed_and_loaded(empty_checkpoints):

@@ -125,6 +125,9 @@ def test_run_errors_are_clear(tmp_path):
     train(tiny_run(tmp_path / "done", steps=5))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(tiny_run(tmp_path / "done", steps=5))
+    other_width = tiny_run(tmp_path / "done", steps=10, model={"dim": 2 * TINY["model"]["dim"]})
+    with pytest.raises(ValueError, match="rebuilds the model from the config and overrides given now"):
+        train(other_width.model_copy(update={"resume": True}))
     small_vocab = tiny_run(tmp_path / "vocab")
     small_vocab.model = small_vocab.model.model_copy(update={"vocab_size": 8})
     with pytest.raises(ValueError, match="vocab_size"):
