@@ -587,6 +587,7 @@ class TomeSweep(Sweep):
     methods: dict[str, dict[str, Any] | None]  # label -> token_reduction spec applied at eval (None: baseline)
     primary: str
     max_drop: float
+    start_from: str | None = None  # a shipped checkpoint tag of the base model to fine-tune (None: from scratch)
     paper: list[PaperFigure] = []
     mixers: dict[str, Any] = {}
     full: TomeGrid
@@ -638,8 +639,9 @@ def side_by_side_throughput(models: dict[str, torch.nn.Module], images: torch.Te
 
 @register_reproduction("tome")
 def tome(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
-    """Train one ViT without reduction, then top-1 and images/s with each method of the sweep applied at eval;
-    passes when the ``primary`` method is faster than the baseline and loses at most ``max_drop`` points."""
+    """Train one ViT without reduction (from scratch, or fine-tuning the sweep's ``start_from`` checkpoint), then
+    top-1 and images/s with each method of the sweep applied at eval; passes when the ``primary`` method is faster
+    than the baseline and loses at most ``max_drop`` points."""
     from zoo.data import create_dataset
     from zoo.models.base import load_pretrained
 
@@ -649,7 +651,8 @@ def tome(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
     grid = sweep.grid(quick, options)
     params = dict(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr)
     overrides = [f"train.steps={grid.steps}", f"train.batch_size={grid.batch_size}", f"train.lr={grid.lr}",
-                 f"train.warmup_steps={max(1, grid.steps // 10)}", f"train.eval_every={grid.steps}", *sweep.overrides]
+                 f"train.warmup_steps={max(1, grid.steps // 10)}", f"train.eval_every={grid.steps}",
+                 *([f"model.pretrained={sweep.start_from}"] if sweep.start_from else []), *sweep.overrides]
     [record] = run_sweep([Run({"mixer": "attention", **params}, sweep.base_path, overrides)], out_dir, options)
     if record["status"] != "ok":
         raise RuntimeError(f"training failed: {record['error']}")
@@ -669,7 +672,8 @@ def tome(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
     base = next(r for r in rows if r["method"] == "baseline")
     primary = next(r for r in rows if r["method"] == sweep.primary)
     passed = primary["speedup"] > 1.0 and base["top1"] - primary["top1"] <= sweep.max_drop
-    (out_dir / "tome.md").write_text(tome_markdown(rows, base, sweep.paper, trained.model_name, grid))
+    start = f"from {trained.model_name}.{sweep.start_from}" if sweep.start_from else "from scratch"
+    (out_dir / "tome.md").write_text(tome_markdown(rows, base, sweep.paper, trained.model_name, grid, start))
     plot_tome(rows, out_dir / "tome.png")
     return {"model": trained.model_name, **params, "rows": rows, "paper": [p.model_dump() for p in sweep.paper],
             "baseline_top1": base["top1"], "primary": sweep.primary, "primary_top1": primary["top1"],
@@ -677,13 +681,14 @@ def tome(quick: bool, out_dir: Path, options: SweepOptions) -> dict[str, Any]:
             "plot": str(out_dir / "tome.png"), "run_dir": record["run_dir"]}
 
 
-def tome_markdown(rows: list[dict[str, Any]], base: dict[str, Any], paper: list[PaperFigure], model: str, grid: TomeGrid) -> str:
+def tome_markdown(rows: list[dict[str, Any]], base: dict[str, Any], paper: list[PaperFigure], model: str, grid: TomeGrid,
+                  start: str) -> str:
     ours = [f"| {r['method']} | {'yes' if r['clipped'] else ''} | {r['top1']:.2f} | {r['top1'] - base['top1']:+.2f} | "
             f"{r['images_per_s']:.0f} | {r['speedup']:.2f}x |" for r in rows]
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
     published = [f"| {p.method} | {fmt(p.baseline_top1, '.2f')} -> {fmt(p.top1, '.2f')} | "
                  f"{fmt(p.baseline_img_s, '.0f')} -> {fmt(p.img_s, '.0f')} |" for p in paper]
-    return (f"# Token reduction off the shelf: {model} on shapes ({grid.steps} steps), reduction applied at eval\n\n"
+    return (f"# Token reduction off the shelf: {model} on shapes ({grid.steps} steps {start}), reduction applied at eval\n\n"
             f"Throughput: batch {grid.throughput_batch}, inference, median of {grid.repeats} turns, all methods "
             f"timed side by side in one process. Clipped: ToMe's r exceeded half the tokens at some layer.\n\n"
             "| method | r clipped | top-1 % | vs baseline | images/s | speedup |\n|---|---|---|---|---|---|\n"
