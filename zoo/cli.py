@@ -48,7 +48,7 @@ def cmd_sample(args) -> None:
     from zoo.sampling import sample_checkpoint
 
     path = sample_checkpoint(args.run_dir, args.n, args.steps, args.scheduler, args.guidance, args.out, args.seed,
-                             args.device, args.ema)
+                             args.device, args.ema, args.caption)
     print(f"samples written to {path}")
 
 
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="sample with the EMA weights (--no-ema: the raw weights; default: the EMA when the checkpoint has one)")
+    p.add_argument("--caption", action="append", default=None,
+                   help="a caption-conditioned model's caption (repeat for several; they take turns over the images; "
+                        "default: the run's validation captions)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="latency/throughput/memory/FLOPs of models or mixers, beside their peer")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.models.diffusion import DiffusionBackbone, DiffusionUNet
+from zoo.models.diffusion import CAPTIONS, DiffusionBackbone, DiffusionUNet
 
 # config fields a teacher must share with its student
 SHARED_FIELDS = ("in_channels", "out_channels", "cross_attention_dim", "num_class_embeds", "attention_head_dim",
@@ -210,6 +210,8 @@ class Distillation:
     def probe_cond(model: DiffusionBackbone, device: torch.device) -> Any:
         if model.cond_kind is None:
             return None
+        if model.cond_kind == CAPTIONS:
+            return ["a probe caption"]
         if isinstance(model, DiffusionUNet) and model.config.cross_attention_dim is not None:
             return torch.randn(1, 4, model.config.cross_attention_dim, device=device)
         return torch.zeros(1, dtype=torch.long, device=device)

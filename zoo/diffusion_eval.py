@@ -106,27 +106,36 @@ def reference_images(n: int, split: str = "val") -> torch.Tensor:
 def evaluate_samples(model: nn.Module, n: int, steps: int, scheduler: str = "ddim", guidance: float = 1.0,
                      classifier: nn.Module | None = None, reference: torch.Tensor | None = None, seed: int = 0,
                      task: Any = None) -> dict[str, float]:
-    """Sample ``n`` class-balanced images (labels cycle through the classifier's classes) from the class-conditioned
-    diffusion ``model`` with :func:`zoo.sampling.sample` and score them.
+    """Sample ``n`` images from the conditioned diffusion ``model`` with :func:`zoo.sampling.sample` and score them:
+    a class-conditioned model's labels cycle through the classifier's classes; a caption-conditioned model takes
+    the captions of the first ``n`` shapes val images, scored against those images' labels.
 
     ``classifier`` defaults to the shipped ``vit-tiny.shapes``, ``reference`` to the first ``n`` val images.
     Returns ``conditional_accuracy``, ``shapes_fid`` and ``seconds_per_sample`` (sampling wall time / ``n``).
     """
+    from zoo.data import create_dataset
+    from zoo.models.diffusion import CAPTIONS
     from zoo.sampling import sample
 
     classifier = load_classifier() if classifier is None else classifier.eval()
     num_classes = classifier.head.out_features
-    if getattr(model, "null_class", None) is None:
-        raise ValueError(f"evaluate_samples needs a class-conditioned diffusion model; "
-                         f"{getattr(model, 'model_name', type(model).__name__)} is not")
-    if model.null_class < num_classes:
+    if getattr(model, "cond_kind", None) == CAPTIONS:
+        val = create_dataset("shapes", "val", image_size=IMAGE_SIZE, num_examples=n)
+        items = [val[i] for i in range(n)]
+        labels, cond = torch.stack([item["label"] for item in items]), {"captions": [item["caption"] for item in items]}
+    elif getattr(model, "null_class", None) is None:
+        raise ValueError(f"evaluate_samples needs a class-conditioned or caption-conditioned diffusion model; "
+                         f"{getattr(model, 'model_name', type(model).__name__)} is neither")
+    elif model.null_class < num_classes:
         raise ValueError(f"the model has {model.null_class} classes but the classifier has {num_classes}")
-    labels = torch.arange(n) % num_classes
+    else:
+        labels = torch.arange(n) % num_classes
+        cond = {"labels": labels.to(next(model.parameters()).device)}
     reference = reference_images(n) if reference is None else reference
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     start = time.perf_counter()
-    images = sample(model, n, steps, scheduler, guidance, labels=labels.to(device), generator=generator, task=task)
+    images = sample(model, n, steps, scheduler, guidance, generator=generator, task=task, **cond)
     seconds = time.perf_counter() - start
     return {"conditional_accuracy": conditional_accuracy(images, labels, classifier),
             "shapes_fid": shapes_fid(images, reference, classifier),

@@ -51,6 +51,7 @@ def empty_checkpoints(tmp_path, monkeypatch):
 def test_registered_names():
     assert set(diffusion_models()) == {
         "unet-sd15", "unet-bk-base", "unet-bk-small", "unet-bk-tiny", "unet-tiny", "unet-small",
+        "unet-tiny-captions", "unet-small-captions",
         *(f"dit-{s}{v}" for s in ("s2", "b2", "l2", "xl2") for v in ("", "-linear")), "uvit-s2", "uvit-s2-linear",
     }
 
@@ -75,6 +76,8 @@ def test_uvit_s2_param_count():
 def test_pixel_unets_are_cpu_sized():
     assert zoo.model_info("unet-tiny")["params"] < 2_000_000
     assert zoo.model_info("unet-small")["params"] < 20_000_000
+    assert zoo.model_info("unet-tiny-captions")["params"] < 2_500_000
+    assert zoo.model_info("unet-small-captions")["params"] < 30_000_000
 
 
 @pytest.mark.parametrize("name", diffusion_models())

@@ -106,7 +106,7 @@ def test_unconditional_dit_samples_and_grid(tmp_path):
     images = sample(model, 5, 2, "dpm")
     path = save_grid(images, tmp_path / "grid" / "g.png")
     assert images.shape == (5, 3, 32, 32) and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="guidance=2.0 needs a class-conditioned model"):
+    with pytest.raises(ValueError, match="guidance=2.0 needs a conditioned model"):
         sample(model, 2, 2, guidance=2.0)
     with pytest.raises(ValueError, match="labels must be None"):
         sample(model, 2, 2, labels=[0, 1])

@@ -7,9 +7,11 @@ Three families share that interface (:class:`DiffusionBackbone`):
 - ``dit``: Diffusion Transformers (Peebles & Xie 2023), adaLN-Zero blocks with a swappable token mixer;
 - ``uvit``: U-ViT (Bao et al. 2023), every input a token and long skips from shallow to deep blocks.
 
-``cond`` is the text encoder's hidden states ``[B, L, cross_attention_dim]`` for a text-conditioned U-Net and
+``cond`` is the text encoder's hidden states ``[B, L, cross_attention_dim]`` for a text-conditioned U-Net,
+a list of ``B`` caption strings for a U-Net with its own :class:`CaptionEncoder` (``caption_encoder=``), and
 class labels ``[B]`` (int) for a class-conditioned model, where label ``model.null_class`` is the "no class"
-label of classifier-free guidance (dropping labels to it while training is the task's job).
+label of classifier-free guidance (the empty caption is the captions' one; dropping to them while training is
+the task's job).
 """
 from __future__ import annotations
 
@@ -176,9 +178,58 @@ def resolve_attention_backend(name: str) -> str:
     return "xformers" if xformers_installed() and torch.cuda.is_available() else "sdpa"
 
 
+CAPTIONS = "captions"  # the cond_kind of caption-conditioned models
+
+
+class CaptionEncoderConfig(ModelConfig):
+    """:class:`CaptionEncoder`'s size: captions are cut to ``max_len`` - 1 UTF-8 bytes."""
+
+    max_len: PositiveInt = 64
+    depth: PositiveInt = 2
+    heads: PositiveInt = 4
+
+
+class CaptionEncoder(nn.Module):
+    """Captions -> text states ``[B, max_len, width]`` and their mask for a U-Net's cross-attention, trained with
+    it: nothing pretrained is downloaded, so the embedded data's captions condition a CPU-sized model.
+
+    A caption is a start token then its UTF-8 bytes (cut to ``max_len - 1``), padded; a small pre-norm
+    transformer encoder reads them with the padding masked. The empty caption (the start token alone) is the
+    unconditional input of classifier-free guidance."""
+
+    PAD, START = 256, 257
+
+    def __init__(self, width: int, max_len: int = 64, depth: int = 2, heads: int = 4):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"caption_encoder.heads ({heads}) must divide cross_attention_dim ({width})")
+        self.max_len = max_len
+        self.embed = nn.Embedding(258, width)
+        self.position = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def tokenize(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        """Byte ids ``[B, max_len]``: the start token, the caption's bytes, then PAD."""
+        ids = torch.full((len(captions), self.max_len), self.PAD, dtype=torch.long)
+        for row, caption in zip(ids, captions):
+            data = [self.START, *caption.encode("utf-8")[: self.max_len - 1]]
+            row[: len(data)] = torch.tensor(data)
+        return ids.to(device)
+
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states ``[B, max_len, width]``, keep mask ``[B, max_len]``: False at padding)."""
+        ids = self.tokenize(captions, self.position.device)
+        keep = ids != self.PAD
+        states = self.encoder(self.embed(ids) + self.position, src_key_padding_mask=~keep)
+        return self.norm(states), keep
+
+
 class UNetConfig(ModelConfig):
     """The diffusers U-Net arguments the zoo sizes use. With ``cross_attention_dim`` the model is a
-    text-conditioned ``UNet2DConditionModel``; without, a ``UNet2DModel``, class-conditioned when
+    text-conditioned ``UNet2DConditionModel``, given text states or, with ``caption_encoder``, captions that its
+    own :class:`CaptionEncoder` reads; without, a ``UNet2DModel``, class-conditioned when
     ``num_class_embeds`` is set (the last embedding is the null class). ``attention_backend`` picks diffusers'
     attention processors (see :data:`ATTENTION_BACKENDS`; ``"auto"`` is resolved when the model is built)."""
 
@@ -194,6 +245,7 @@ class UNetConfig(ModelConfig):
     norm_num_groups: PositiveInt = 32
     cross_attention_dim: PositiveInt | None = None
     num_class_embeds: PositiveInt | None = None
+    caption_encoder: CaptionEncoderConfig | None = None
     attention_backend: AttentionBackend = "auto"
 
     @model_validator(mode="after")
@@ -209,6 +261,8 @@ class UNetConfig(ModelConfig):
             raise ValueError("cross-attention blocks need cross_attention_dim (the text encoder's width)")
         if self.cross_attention_dim is not None and self.num_class_embeds is not None:
             raise ValueError("a U-Net is conditioned on text (cross_attention_dim) or classes (num_class_embeds), not both")
+        if self.caption_encoder is not None and self.cross_attention_dim is None:
+            raise ValueError("caption_encoder needs cross_attention_dim (the width of the caption states)")
         if self.sample_size % 2 ** (stages - 1):
             raise ValueError(f"sample_size ({self.sample_size}) must be divisible by 2**{stages - 1} (one halving per stage)")
         return self
@@ -224,7 +278,7 @@ class DiffusionUNet(DiffusionBackbone):
         super().__init__(config, name)
         from diffusers import UNet2DConditionModel, UNet2DModel  # imported here: diffusers is slow to import
 
-        options = config.model_dump(exclude={"attention_backend"})
+        options = config.model_dump(exclude={"attention_backend", "caption_encoder"})
         text = options.pop("cross_attention_dim")
         if text is None:
             self.unet = UNet2DModel(**options)
@@ -235,7 +289,9 @@ class DiffusionUNet(DiffusionBackbone):
         self.cond_arg = "class_labels" if text is None else "encoder_hidden_states"
         self.sample_shape = (config.in_channels, config.sample_size, config.sample_size)
         self.out_channels = config.out_channels
-        self.cond_kind = (f"text states [batch, tokens, {text}]" if text is not None
+        captions = config.caption_encoder
+        self.caption_encoder = None if captions is None else CaptionEncoder(text, **captions.model_dump())
+        self.cond_kind = (CAPTIONS if captions is not None else f"text states [batch, tokens, {text}]" if text is not None
                           else "class labels" if config.num_class_embeds is not None else None)
 
     @property
@@ -260,13 +316,21 @@ class DiffusionUNet(DiffusionBackbone):
 
     def check_cond(self, cond: Any, batch: int) -> None:
         dim = self.config.cross_attention_dim
-        if dim is None:
+        if self.caption_encoder is not None:
+            if not isinstance(cond, (list, tuple)) or len(cond) != batch or not all(isinstance(c, str) for c in cond):
+                got = f"a {type(cond).__name__} of {len(cond)}" if isinstance(cond, (list, tuple)) else _shape(cond)
+                raise ValueError(f"cond must be a list of {batch} caption strings, got {got}")
+        elif dim is None:
             check_class_labels(cond, batch, self.config.num_class_embeds)
         elif not isinstance(cond, torch.Tensor) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != dim:
             raise ValueError(f"cond must be text states of shape [{batch}, tokens, {dim}], got {_shape(cond)}")
 
     def predict(self, sample, timesteps, cond):
-        return self.unet(sample, timesteps, **{self.cond_arg: cond}).sample
+        if self.caption_encoder is None:
+            return self.unet(sample, timesteps, **{self.cond_arg: cond}).sample
+        states, keep = self.caption_encoder(list(cond))
+        return self.unet(sample, timesteps, encoder_hidden_states=states.to(sample.dtype),
+                         encoder_attention_mask=keep).sample
 
 
 def create_unet(name: str, defaults: dict[str, Any], **overrides: Any) -> DiffusionUNet:
@@ -294,6 +358,12 @@ PIXEL_UNET: dict[str, Any] = dict(
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), num_class_embeds=11,
 )
+# the same, conditioned on captions through cross-attention at 16x16 and 8x8 and a CaptionEncoder of width 64
+PIXEL_CAPTION_UNET: dict[str, Any] = {
+    **PIXEL_UNET, "num_class_embeds": None, "cross_attention_dim": 64, "caption_encoder": {},
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), "mid_block_type": "UNetMidBlock2DCrossAttn",
+}
 
 UNET_SIZES: dict[str, dict[str, Any]] = {
     "sd15": SD15_UNET,  # 859.5M, Stable Diffusion 1.5
@@ -302,6 +372,8 @@ UNET_SIZES: dict[str, dict[str, Any]] = {
     "bk-tiny": BK_TINY,  # 323.4M
     "tiny": {**PIXEL_UNET, "block_out_channels": (32, 64, 64), "norm_num_groups": 16},
     "small": {**PIXEL_UNET, "block_out_channels": (64, 128, 256), "layers_per_block": 2},
+    "tiny-captions": {**PIXEL_CAPTION_UNET, "block_out_channels": (32, 64, 64), "norm_num_groups": 16},
+    "small-captions": {**PIXEL_CAPTION_UNET, "block_out_channels": (64, 128, 256), "layers_per_block": 2},
 }
 
 register_size_table("unet", UNET_SIZES, {}, create_unet)

@@ -1,7 +1,8 @@
 """Denoising diffusion training (DDPM, Ho et al. 2020): noise the images with diffusers' ``DDPMScheduler`` at a
 uniform random timestep and regress the noise (``epsilon``) or the velocity (``v_prediction``, Salimans & Ho 2022)
 with an MSE. Class-conditioned models see the batch labels, dropped to ``model.null_class`` with probability
-``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022).
+``cond_dropout`` for classifier-free guidance (Ho & Salimans 2022); caption-conditioned ones the batch captions,
+dropped to the empty caption.
 
 The model works in pixel space, or with ``vae`` (a local diffusers ``AutoencoderKL`` folder) on the VAE's scaled
 latents (latent diffusion, Rombach et al. 2022). With a teacher (:meth:`Diffusion.set_teacher`), training adds
@@ -10,6 +11,7 @@ BK-SDM's output- and feature-level distillation; evaluation reports the task's l
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from layers.registry import close_matches
 from zoo.data.images import IMAGENET_MEAN, IMAGENET_STD, SHAPES_MEAN, SHAPES_STD
-from zoo.models.diffusion import DiffusionBackbone
+from zoo.models.diffusion import CAPTIONS, DiffusionBackbone
 from zoo.tasks.base import Task, register_task
 
 # the task's beta schedule names -> diffusers' ``beta_schedule``
@@ -95,6 +97,20 @@ class Diffusion(Task):
         vae = self._vae_on(samples.device)
         return vae.decode((samples / self.latent_scale).to(vae.dtype)).sample.float()
 
+    def condition(self, model, batch: dict[str, Any]) -> Any:
+        """The model's ``cond`` for ``batch``: its captions or labels (dropped at ``cond_dropout`` while training);
+        None for an unconditional model."""
+        if model.cond_kind is None:
+            return None
+        if model.cond_kind == CAPTIONS:
+            return self.drop_captions(batch["caption"]) if model.training else list(batch["caption"])
+        return self.drop_labels(batch["label"], model.null_class) if model.training else batch["label"]
+
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        """Each caption replaced by the empty caption with probability ``cond_dropout``."""
+        drop = (torch.rand(len(captions)) < self.cond_dropout).tolist()
+        return ["" if d else c for c, d in zip(captions, drop)]
+
     def drop_labels(self, labels: torch.Tensor, null_class: int) -> torch.Tensor:
         """Each label replaced by ``null_class`` with probability ``cond_dropout``."""
         drop = torch.rand(labels.shape, device=labels.device) < self.cond_dropout
@@ -115,9 +131,7 @@ class Diffusion(Task):
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device,
                                   generator=generator)
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
-        cond = None
-        if model.cond_kind is not None:
-            cond = self.drop_labels(batch["label"], model.null_class) if model.training else batch["label"]
+        cond = self.condition(model, batch)
         distill = self.distillation if model.training else None
         if distill is None:
             prediction = model(noisy, timesteps, cond)[:, : clean.shape[1]]
@@ -147,9 +161,9 @@ class Diffusion(Task):
     def check_data(self, model, dataset):
         if not isinstance(model, DiffusionBackbone):
             raise ValueError(f"the diffusion task needs a diffusion model (unet, dit, uvit), got {type(model).__name__}")
-        if model.cond_kind is not None and model.null_class is None:
+        if model.cond_kind not in (None, CAPTIONS) and model.null_class is None:
             raise ValueError(f"{model.model_name} is conditioned on {model.cond_kind}; the diffusion task supports "
-                             "class-conditioned and unconditional models only")
+                             "caption- and class-conditioned and unconditional models only")
         item = dataset[0]
         shape = tuple(item["image"].shape)
         if self.vae is not None:
@@ -169,6 +183,10 @@ class Diffusion(Task):
             raise ValueError(f"the dataset's images have shape (channels, height, width) {shape} but the model's "
                              f"sample_shape is {tuple(model.sample_shape)}")
         if model.cond_kind is None:
+            return
+        if model.cond_kind == CAPTIONS:
+            if not isinstance(item.get("caption"), str):
+                raise ValueError(f"{model.model_name} is caption-conditioned but the dataset's items have no 'caption' string")
             return
         if "label" not in item:
             raise ValueError(f"{model.model_name} is class-conditioned but the dataset's items have no 'label'")
