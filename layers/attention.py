@@ -94,12 +94,15 @@ class SoftmaxProjections(Mixer):
     (``attention``, ``sliding_window``, ``block_sparse``), so their state dicts load into each other.
 
     ``rope=None`` means: rotary embeddings when causal (LMs), none when bidirectional (ViTs carry
-    learned position embeddings).
+    learned position embeddings). ``qk_norm=True`` adds a per-head RMSNorm on q and on k (``q_norm``,
+    ``k_norm``, weights of size head_dim; see ``Mixer._setup_qk_norm``) before the rotary embedding, so the
+    forward pass, ``prefill``/``step`` and the KV cache all hold the normalised keys.
     """
 
     def __init__(self, dim: int, num_heads: int, causal: bool, qkv_bias: bool, proj_bias: bool, rope: bool | None,
-                 rope_base: float):
+                 rope_base: float, qk_norm: bool = False):
         super().__init__(dim, num_heads, causal)
+        self._setup_qk_norm(qk_norm, self.head_dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.rope = causal if rope is None else rope
@@ -108,6 +111,7 @@ class SoftmaxProjections(Mixer):
     def _project(self, x: torch.Tensor, positions: torch.Tensor | None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        q, k = self._normalize_qk(q, k)
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(positions)
             q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
@@ -122,7 +126,8 @@ class SoftmaxProjections(Mixer):
 class Attention(SoftmaxProjections):
     """Multi-head softmax attention with optional rotary embeddings (see ``SoftmaxProjections``).
 
-    Bias flags default to the LLaMA layout; ViTs pass the timm one.
+    Bias flags default to the LLaMA layout; ViTs pass the timm one. ``qk_norm=True``: per-head RMSNorm on q
+    and k (OLMo-2 / ViT-22B; off by default, which adds no parameters).
     """
 
     def __init__(
@@ -135,8 +140,9 @@ class Attention(SoftmaxProjections):
         proj_bias: bool = False,
         rope: bool | None = None,
         rope_base: float = 10000.0,
+        qk_norm: bool = False,
     ):
-        super().__init__(dim, num_heads, causal, qkv_bias, proj_bias, rope, rope_base)
+        super().__init__(dim, num_heads, causal, qkv_bias, proj_bias, rope, rope_base, qk_norm)
         if backend not in ("auto", *ATTENTION_BACKENDS):
             raise ValueError(f"backend must be one of auto, {', '.join(ATTENTION_BACKENDS)}; got {backend!r}")
         if backend == "xformers" and not xformers_available():

@@ -71,13 +71,15 @@ class Based(GatedLinearMixer):
 
     ``qkv`` projects ``dim -> 2 * H * feature_dim + dim`` (q, k per head to ``feature_dim``, then v
     to ``head_dim`` per head); ``proj`` maps ``dim -> dim``. Torch path only (no ``backend``).
+    ``qk_norm=True``: per-head RMSNorm (weights of size ``feature_dim``) on the projected q and k, before the
+    Taylor feature map.
     """
 
     supports_bidirectional = False
 
     def __init__(self, dim: int, num_heads: int, causal: bool = True, feature_dim: int = 16, chunk_size: int = 64,
                  state_dtype: torch.dtype = torch.float32, eps: float = 1e-6, qkv_bias: bool = False,
-                 proj_bias: bool = False):
+                 proj_bias: bool = False, qk_norm: bool = False):
         super().__init__(dim, num_heads, causal)
         if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or feature_dim <= 0:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
@@ -91,13 +93,14 @@ class Based(GatedLinearMixer):
         self.scale = 1.0  # the feature map carries the 1/sqrt(d') scaling; the normalisation cancels any other
         self.qkv = nn.Linear(dim, 2 * num_heads * feature_dim + dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self._setup_qk_norm(qk_norm, feature_dim)
 
     def _features(self, x, positions):
         B, T, _ = x.shape
         H, d = self.num_heads, self.feature_dim
         q, k, v = self.qkv(x).split([H * d, H * d, self.dim], dim=-1)
-        q = taylor_feature_map(q.view(B, T, H, d))
-        k = taylor_feature_map(k.view(B, T, H, d))
+        q, k = self._normalize_qk(q.view(B, T, H, d), k.view(B, T, H, d))  # qk_norm: before the feature map
+        q, k = taylor_feature_map(q), taylor_feature_map(k)
         return q, k, v.view(B, T, H, self.head_dim), None
 
     def _output(self, o, x):
@@ -130,4 +133,5 @@ class Based(GatedLinearMixer):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, causal={self.causal}, feature_dim={self.feature_dim}, "
-                f"chunk_size={self.chunk_size}, eps={self.eps}, state_dtype={self.state_dtype}")
+                f"chunk_size={self.chunk_size}, eps={self.eps}, state_dtype={self.state_dtype}"
+                + (", qk_norm=True" if self.qk_norm else ""))

@@ -42,7 +42,9 @@ class BlockSparseAttention(SparseSoftmaxAttention):
     Options: ``block_size`` (>= 1, default 64), ``window_blocks`` (>= 0, default 1 on each side),
     ``global_blocks`` (>= 0, default 1), ``random_blocks`` (>= 0, default 1 per query block), ``seed``
     (int, default 0), ``backend`` (auto | flex | sdpa | math), ``qkv_bias``, ``proj_bias``, ``rope``
-    (None: on when causal), ``rope_base``.
+    (None: on when causal), ``rope_base``, ``max_seq_len`` (optional, passed by LM / ViT / encoder models: a
+    ``block_size`` larger than it is refused, naming ``block_size``), ``qk_norm`` (per-head RMSNorm on q and k,
+    as ``attention``'s).
     """
 
     def __init__(
@@ -60,6 +62,8 @@ class BlockSparseAttention(SparseSoftmaxAttention):
         proj_bias: bool = False,
         rope: bool | None = None,
         rope_base: float = 10000.0,
+        qk_norm: bool = False,
+        max_seq_len: int | None = None,
     ):
         options = {
             "block_size": check_int_option("block_size", block_size, 1),
@@ -68,10 +72,17 @@ class BlockSparseAttention(SparseSoftmaxAttention):
             "random_blocks": check_int_option("random_blocks", random_blocks, 0),
             "seed": check_int_option("seed", seed, 0),
         }
+        if max_seq_len is not None:
+            max_seq_len = check_int_option("max_seq_len", max_seq_len, 1)
+            if options["block_size"] > max_seq_len:
+                raise ValueError(f"block_size={block_size} is larger than max_seq_len={max_seq_len}: every sequence would be "
+                                 "one block and every token would see the whole sequence; use the attention mixer "
+                                 "(or a block_size <= max_seq_len)")
         super().__init__(dim, num_heads, causal, backend=backend, qkv_bias=qkv_bias, proj_bias=proj_bias, rope=rope,
-                         rope_base=rope_base)
+                         rope_base=rope_base, qk_norm=qk_norm)
         self.block_size, self.window_blocks = options["block_size"], options["window_blocks"]
         self.global_blocks, self.random_blocks, self.seed = options["global_blocks"], options["random_blocks"], options["seed"]
+        self.max_seq_len = max_seq_len
 
     def pattern(self, q_pos: torch.Tensor, k_pos: torch.Tensor, num_blocks=None) -> torch.Tensor:
         return block_sparse_allowed(q_pos, k_pos, block_size=self.block_size, window_blocks=self.window_blocks,

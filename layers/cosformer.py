@@ -52,11 +52,13 @@ def naive_cosformer_attention(q, k, v, M, causal=True, mask=None, eps=1e-6):
 
 @register_mixer("cosformer")
 class CosFormer(KernelAttentionMixer):
-    """cosFormer attention (see the module docstring); causal needs ``max_seq_len``."""
+    """cosFormer attention (see the module docstring); causal needs ``max_seq_len``. ``qk_norm=True``: per-head
+    RMSNorm on q and k before the ReLU / cos features (see ``KernelAttentionMixer``)."""
 
     def __init__(self, dim: int, num_heads: int, causal: bool = True, max_seq_len: int | None = None,
                  eps: float = 1e-6, chunk_size: int = 64, state_dtype: torch.dtype = torch.float32,
-                 qkv_bias: bool = False, proj_bias: bool = False):
+                 qkv_bias: bool = False, proj_bias: bool = False,
+                 qk_norm: bool = False):
         super().__init__(dim, num_heads, causal)
         if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                         or max_seq_len <= 0):
@@ -64,7 +66,7 @@ class CosFormer(KernelAttentionMixer):
         if causal and max_seq_len is None:
             raise ValueError("max_seq_len is required for causal=True (it fixes M of the cos re-weighting, "
                              "so that decoding matches the parallel form)")
-        self._setup(eps, chunk_size, state_dtype, qkv_bias, proj_bias)
+        self._setup(eps, chunk_size, state_dtype, qkv_bias, proj_bias, qk_norm)
         self.max_seq_len = max_seq_len
         self.feature_dim = 2 * self.head_dim
 

@@ -261,6 +261,12 @@ class DeltaRuleMixer(Mixer):
     inputs, so they neither write to the state nor reach the conv, and the result is scattered
     back with zeros at padded positions. ``prefill(x, state, mask)`` also returns per-sequence
     final states (conv cache included) equal to running each sequence alone.
+
+    ``qk_norm=True`` (off by default) applies a per-head RMSNorm with learnable weights (``q_norm``, ``k_norm``,
+    size head_k_dim) to q and k after the short conv and SiLU, before the L2 norm. The L2 norm already bounds q
+    and k (keys must be unit vectors for the delta rule), and it is scale-invariant, so here ``qk_norm`` amounts
+    to a learnable per-dimension gain inside the L2 norm, ``l2norm(w * q)`` (up to eps; exactly the plain
+    mixer at the initial w = 1); the option is accepted for a uniform interface across the attention-like mixers.
     """
 
     supports_bidirectional = False
@@ -269,7 +275,7 @@ class DeltaRuleMixer(Mixer):
     def __init__(self, dim: int, num_heads: int, causal: bool = True, backend: str = "auto", chunk_size: int = 64,
                  use_short_conv: bool = True, conv_size: int = 4, conv_bias: bool = False, use_gate: bool = False,
                  expand_v: int = 1, state_dtype: torch.dtype = torch.float32, norm_eps: float = 1e-5,
-                 qkv_bias: bool = False, proj_bias: bool = False):
+                 qkv_bias: bool = False, proj_bias: bool = False, qk_norm: bool = False):
         super().__init__(dim, num_heads, causal)
         check_backend(backend)
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
@@ -300,6 +306,7 @@ class DeltaRuleMixer(Mixer):
             self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
         self.o_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
         self.proj = nn.Linear(self.value_dim, dim, bias=proj_bias)
+        self._setup_qk_norm(qk_norm, self.head_k_dim)
 
     # -- hooks for the gated variant --
     def log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -379,7 +386,8 @@ class DeltaRuleMixer(Mixer):
                     new_state["conv"] = xp.gather(1, idx[..., None].expand(-1, -1, xp.shape[-1]))
         qkv = F.silu(qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q, k = l2norm(q.reshape(B, T, H, Dk)), l2norm(k.reshape(B, T, H, Dk))
+        q, k = self._normalize_qk(q.reshape(B, T, H, Dk), k.reshape(B, T, H, Dk))  # qk_norm: a learnable gain
+        q, k = l2norm(q), l2norm(k)
         v = v.reshape(B, T, H, Dv)
         beta = torch.sigmoid(self.b_proj(x))
         g = self.log_decay(x)

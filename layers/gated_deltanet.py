@@ -71,7 +71,8 @@ class GatedDeltaNet(DeltaRuleMixer):
     (``use_gate=True``: ``RMSNorm(o) * silu(g_proj x)``). Causal only.
 
     ``A_log`` is initialised as log U(A_init_range) and ``dt_bias`` as softplus^{-1} of a
-    log-uniform dt in [dt_min, dt_max] (Mamba2 / fla). fla's default ``expand_v`` is 2.
+    log-uniform dt in [dt_min, dt_max] (Mamba2 / fla). fla's default ``expand_v`` is 2. ``qk_norm``: as
+    DeltaNet's (a learnable per-dimension gain inside the L2 norm; see ``DeltaRuleMixer``).
     """
 
     gated = True
@@ -80,10 +81,11 @@ class GatedDeltaNet(DeltaRuleMixer):
                  use_short_conv: bool = True, conv_size: int = 4, conv_bias: bool = False, use_gate: bool = True,
                  expand_v: int = 1, state_dtype: torch.dtype = torch.float32, norm_eps: float = 1e-5,
                  qkv_bias: bool = False, proj_bias: bool = False, A_init_range: tuple[float, float] = (1.0, 16.0),
-                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, qk_norm: bool = False):
         super().__init__(dim, num_heads, causal, backend=backend, chunk_size=chunk_size, use_short_conv=use_short_conv,
                          conv_size=conv_size, conv_bias=conv_bias, use_gate=use_gate, expand_v=expand_v,
-                         state_dtype=state_dtype, norm_eps=norm_eps, qkv_bias=qkv_bias, proj_bias=proj_bias)
+                         state_dtype=state_dtype, norm_eps=norm_eps, qkv_bias=qkv_bias, proj_bias=proj_bias,
+                         qk_norm=qk_norm)
         lo, hi = A_init_range
         if not 0 < lo <= hi:
             raise ValueError(f"A_init_range must satisfy 0 < low <= high, got {A_init_range!r}")

@@ -53,14 +53,15 @@ class GatedLinearAttention(GatedLinearMixer):
     Decoding state ``{"S": [B, H, Dk, Dv] in state_dtype, "pos": [B] int64}``. fla (``backend``):
     ``chunk_gla`` for forward and prefill, ``fused_recurrent_gla`` for decoding (``gk`` = log_g,
     float32). With ``backend='auto'`` an fla failure at call time (e.g. an unsupported GPU /
-    Triton combination) is warned about once and the torch path is used instead.
+    Triton combination) is warned about once and the torch path is used instead. ``qk_norm=True``: per-head
+    RMSNorm (weights of size head_k_dim) on q and k right after their projections (before the decay).
     """
 
     def __init__(self, dim: int, num_heads: int, causal: bool = True, expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, clamp_min: float | None = None,
                  use_output_gate: bool = True, norm_eps: float = 1e-5, chunk_size: int = 64,
                  state_dtype: torch.dtype = torch.float32, backend: str = "auto", qkv_bias: bool = False,
-                 proj_bias: bool = False):
+                 proj_bias: bool = False, qk_norm: bool = False):
         super().__init__(dim, num_heads, causal)
         key_dim, value_dim = _expanded(dim, expand_k, "expand_k", num_heads), _expanded(dim, expand_v, "expand_v", num_heads)
         if not isinstance(gate_low_rank_dim, int) or isinstance(gate_low_rank_dim, bool) or gate_low_rank_dim <= 0:
@@ -84,6 +85,7 @@ class GatedLinearAttention(GatedLinearMixer):
             self.g_proj = nn.Linear(dim, value_dim, bias=False)
         self.g_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
         self.proj = nn.Linear(value_dim, dim, bias=proj_bias)
+        self._setup_qk_norm(qk_norm, self.head_k_dim)
 
     def log_gate(self, x: torch.Tensor) -> torch.Tensor:
         """log_g = logsigmoid(gk_proj(x)) / gate_logit_normalizer (clamped below at clamp_min), float32 [B, T, H, Dk]."""
@@ -99,6 +101,7 @@ class GatedLinearAttention(GatedLinearMixer):
         q = self.q_proj(x).view(B, T, H, self.head_k_dim)
         k = self.k_proj(x).view(B, T, H, self.head_k_dim)
         v = self.v_proj(x).view(B, T, H, self.head_v_dim)
+        q, k = self._normalize_qk(q, k)
         return q, k, v, self.log_gate(x)
 
     def _output(self, o, x):

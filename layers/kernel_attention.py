@@ -16,6 +16,10 @@ The projections run in the input dtype; the feature maps, the kernel core and it
 ``state_dtype`` (float32 by default: the features are exponentials / products that bf16 would round
 coarsely), the result being cast back before the output projection. Padded keys (``mask`` False)
 get zero features and values (and no decay), so they contribute nothing; padded outputs are zeroed.
+
+``qk_norm=True`` (a constructor option of every subclass) applies a per-head RMSNorm with learnable weights
+(``q_norm``, ``k_norm``) to the projected q and k before the feature maps, on every path (forward, prefill,
+step), so the naive references see the same normalised q and k.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ class KernelAttentionMixer(Mixer):
 
     feature_dim: int
 
-    def _setup(self, eps: float, chunk_size: int, state_dtype: torch.dtype, qkv_bias: bool, proj_bias: bool) -> None:
+    def _setup(self, eps: float, chunk_size: int, state_dtype: torch.dtype, qkv_bias: bool, proj_bias: bool,
+               qk_norm: bool = False) -> None:
         if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
         self.eps = float(eps)
@@ -39,6 +44,7 @@ class KernelAttentionMixer(Mixer):
         self.state_dtype = check_state_dtype(state_dtype)
         self.qkv = nn.Linear(self.dim, 3 * self.dim, bias=qkv_bias)
         self.proj = nn.Linear(self.dim, self.dim, bias=proj_bias)
+        self._setup_qk_norm(qk_norm, self.head_dim)
 
     # -- subclass hook --
     def _feature_maps(self, q, k, mask, positions, state):  # pragma: no cover - abstract
@@ -56,6 +62,7 @@ class KernelAttentionMixer(Mixer):
         H, Dh = self.num_heads, self.head_dim
         self._check_length(T, state)
         q, k, v = self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh]
+        q, k = self._normalize_qk(q, k)  # qk_norm: before the feature maps
         start = None if state is None else state["pos"]
         positions = positions_from_mask(mask, T, x.device, start)
         if positions.dim() == 1:

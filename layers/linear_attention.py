@@ -389,7 +389,9 @@ class GatedLinearMixer(Mixer):
     Subclasses set ``head_k_dim``, ``head_v_dim``, ``scale`` and implement
 
     * ``_features(x, positions) -> (q, k, v, log_g)`` with q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``
-      and log_g None, ``[H]`` or ``[B, T, H, Dk|1]`` (float32);
+      and log_g None, ``[H]`` or ``[B, T, H, Dk|1]`` (float32); with ``qk_norm`` (set up by
+      ``Mixer._setup_qk_norm``) it applies ``self._normalize_qk`` to the projected q and k before any feature
+      map or rotary embedding, so the chunked, recurrent and fla paths all see the normalised q and k;
     * ``_output(o, x) -> y`` from o ``[B, T, H, Dv]``;
     * optionally ``_fla_chunk`` / ``_fla_step`` (fla ops on ``[B, T, H, D]``).
 
@@ -551,6 +553,9 @@ class LinearAttention(GatedLinearMixer):
     for decoding, always with ``normalize=False`` and the feature-mapped q, k (fla's ops apply no
     feature map; fla's own normalisation cannot take the running key sum of an initial state in
     every version), the division by ``phi(q) . z`` being done here in float32.
+
+    ``qk_norm=True``: a per-head RMSNorm (learnable weights ``q_norm``, ``k_norm``) on the projected q and k,
+    before the feature map (see ``Mixer._setup_qk_norm``).
     """
 
     supports_bidirectional = True
@@ -558,7 +563,7 @@ class LinearAttention(GatedLinearMixer):
     def __init__(self, dim: int, num_heads: int, causal: bool = True, feature_map: str = "elu1",
                  normalize: bool = True, eps: float = 1e-6, chunk_size: int = 64,
                  state_dtype: torch.dtype = torch.float32, backend: str = "auto", qkv_bias: bool = False,
-                 proj_bias: bool = False):
+                 proj_bias: bool = False, qk_norm: bool = False):
         super().__init__(dim, num_heads, causal)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature_map {feature_map!r}; valid ones: {', '.join(FEATURE_MAPS)}")
@@ -574,12 +579,14 @@ class LinearAttention(GatedLinearMixer):
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self._setup_qk_norm(qk_norm, self.head_dim)
 
     def _features(self, x, positions):
         B, T, _ = x.shape
         phi = FEATURE_MAPS[self.feature_map]
         shape = (B, T, self.num_heads, self.head_dim)
-        return phi(self.q_proj(x).view(shape)), phi(self.k_proj(x).view(shape)), self.v_proj(x).view(shape), None
+        q, k = self._normalize_qk(self.q_proj(x).view(shape), self.k_proj(x).view(shape))
+        return phi(q), phi(k), self.v_proj(x).view(shape), None
 
     def _output(self, o, x):
         return self.proj(o.reshape(*o.shape[:2], self.dim))

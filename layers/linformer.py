@@ -48,7 +48,8 @@ class Linformer(Mixer):
 
     Options: ``k`` (projected length, int >= 1, default 256), ``max_seq_len`` (required int >= 1: the
     number of columns of E/F and the longest accepted sequence), ``share_kv`` (one projection for keys
-    and values), ``qkv_bias``, ``proj_bias``. E and F are initialised uniform(+-1/sqrt(k)) as in the
+    and values), ``qkv_bias``, ``proj_bias``, ``qk_norm`` (per-head RMSNorm on q and k before the sequence
+    projection). E and F are initialised uniform(+-1/sqrt(k)) as in the
     reference implementations. No incremental decoding.
     """
 
@@ -66,6 +67,7 @@ class Linformer(Mixer):
         share_kv: bool = False,
         qkv_bias: bool = False,
         proj_bias: bool = False,
+        qk_norm: bool = False,
     ):
         super().__init__(dim, num_heads, causal)
         if max_seq_len is None:
@@ -77,6 +79,7 @@ class Linformer(Mixer):
         self.share_kv = share_kv
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self._setup_qk_norm(qk_norm, self.head_dim)
         bound = 1.0 / math.sqrt(self.k)
         self.E = nn.Parameter(torch.empty(self.k, self.max_seq_len).uniform_(-bound, bound))
         self.F = None if share_kv else nn.Parameter(torch.empty(self.k, self.max_seq_len).uniform_(-bound, bound))
@@ -92,6 +95,7 @@ class Linformer(Mixer):
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.max_seq_len} of this linformer")
         H, Dh = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh]
+        q, k = self._normalize_qk(q, k)
         E, Fv = self.E.to(x.dtype), self.value_projection.to(x.dtype)
         if mask is None:
             kp = torch.einsum("rt,bhtd->bhrd", E[:, :T], k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layers.registry import Registry, check_kwargs, signature_kwargs
@@ -16,6 +17,8 @@ from layers.registry import Registry, check_kwargs, signature_kwargs
 MIXERS = Registry("mixer")
 
 State = dict[str, Any]
+
+QK_NORM_EPS = 1e-6  # the eps of the ``qk_norm`` RMSNorms (OLMo-2's)
 
 
 class Mixer(nn.Module):
@@ -28,6 +31,7 @@ class Mixer(nn.Module):
     supports_causal: bool = True
     supports_bidirectional: bool = True
     supports_mask: bool = True
+    qk_norm: bool = False  # set per instance by ``_setup_qk_norm`` (mixers with queries and keys)
 
     def __init__(self, dim: int, num_heads: int, causal: bool = True):
         super().__init__()
@@ -46,6 +50,26 @@ class Mixer(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.causal = causal
+
+    def _setup_qk_norm(self, qk_norm: bool, head_dim: int, eps: float = QK_NORM_EPS) -> None:
+        """The ``qk_norm`` option of the mixers that compute queries and keys: with ``qk_norm=True``, a per-head
+        RMSNorm over the last (head) dim with a learnable weight of size ``head_dim`` (``q_norm``, ``k_norm``;
+        OLMo-2 / ViT-22B / timm's ``qk_norm``), applied by ``_normalize_qk`` right after the q/k projections and
+        before any feature map, rotary embedding, decay or chunking. ``qk_norm=False`` adds no parameter."""
+        if not isinstance(qk_norm, bool):
+            raise ValueError(f"qk_norm must be a bool, got {qk_norm!r}")
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim, eps=eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=eps)
+
+    def _normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k with heads in the last dim (any layout before it); unchanged without ``qk_norm``. The norm is
+        computed in float32 and cast back to each input's dtype."""
+        if not self.qk_norm:
+            return q, k
+        norm = lambda t, n: F.rms_norm(t.float(), n.normalized_shape, n.weight.float(), n.eps).to(t.dtype)
+        return norm(q, self.q_norm), norm(k, self.k_norm)
 
     def check_input(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Raise a clear error for inputs of the wrong rank, width, dtype or mask shape."""
@@ -84,7 +108,8 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, causal={self.causal}"
+        qk = ", qk_norm=True" if self.qk_norm else ""
+        return f"dim={self.dim}, num_heads={self.num_heads}, causal={self.causal}{qk}"
 
 
 def register_mixer(name: str):

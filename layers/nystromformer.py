@@ -89,7 +89,8 @@ class Nystromformer(Mixer):
 
     Options: ``num_landmarks`` (int >= 1, default 32), ``conv_kernel`` (odd int >= 1 for a depthwise
     conv residual on V over the sequence, one kernel per head shared by its features as in the official
-    code, ``same`` padding; 0 disables it; default 33), ``qkv_bias``, ``proj_bias``. No mask, no decoding.
+    code, ``same`` padding; 0 disables it; default 33), ``qkv_bias``, ``proj_bias``, ``qk_norm`` (per-head
+    RMSNorm on q and k before the landmarks are taken). No mask, no decoding.
     """
 
     supports_causal = False
@@ -105,6 +106,7 @@ class Nystromformer(Mixer):
         conv_kernel: int = 33,
         qkv_bias: bool = False,
         proj_bias: bool = False,
+        qk_norm: bool = False,
     ):
         super().__init__(dim, num_heads, causal)
         self.num_landmarks = check_int_option("num_landmarks", num_landmarks, 1)
@@ -114,6 +116,7 @@ class Nystromformer(Mixer):
         self.conv_kernel = conv_kernel
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self._setup_qk_norm(qk_norm, self.head_dim)
         self.conv = (nn.Conv2d(num_heads, num_heads, (conv_kernel, 1), padding=(conv_kernel // 2, 0), groups=num_heads,
                                bias=False) if conv_kernel else None)
 
@@ -122,6 +125,7 @@ class Nystromformer(Mixer):
         B, T, _ = x.shape
         H, Dh, m = self.num_heads, self.head_dim, self.num_landmarks
         q, k, v = self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh]
+        q, k = self._normalize_qk(q, k)
         qf, kf, vf = q.float(), k.float(), v.float()
         s = 1.0 / math.sqrt(Dh)
         if T <= m:

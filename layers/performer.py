@@ -85,11 +85,13 @@ def naive_performer_attention(q, k, v, projection, causal=True, mask=None, eps=1
 @register_mixer("performer")
 class Performer(KernelAttentionMixer):
     """FAVOR+ attention with ``num_features`` positive orthogonal random features per head (see the
-    module docstring); causal (chunked, with decoding) or bidirectional."""
+    module docstring); causal (chunked, with decoding) or bidirectional. ``qk_norm=True``: per-head RMSNorm on
+    q and k before the random features (see ``KernelAttentionMixer``)."""
 
     def __init__(self, dim: int, num_heads: int, causal: bool = True, num_features: int = 64, redraw: bool = False,
                  seed: int | None = None, eps: float = 1e-6, chunk_size: int = 64,
-                 state_dtype: torch.dtype = torch.float32, qkv_bias: bool = False, proj_bias: bool = False):
+                 state_dtype: torch.dtype = torch.float32, qkv_bias: bool = False, proj_bias: bool = False,
+                 qk_norm: bool = False):
         super().__init__(dim, num_heads, causal)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -97,7 +99,7 @@ class Performer(KernelAttentionMixer):
             raise ValueError(f"redraw must be a bool, got {redraw!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        self._setup(eps, chunk_size, state_dtype, qkv_bias, proj_bias)
+        self._setup(eps, chunk_size, state_dtype, qkv_bias, proj_bias, qk_norm)
         self.num_features = self.feature_dim = num_features
         self.redraw = redraw
         self.seed = seed

@@ -73,12 +73,13 @@ class MultiScaleRetention(GatedLinearMixer):
     ``fused_recurrent_retention`` for decoding (both fix gamma to this same 1 - 2^(-5-h)); with a
     padding mask, ``chunk_gla`` with the decay broadcast per key dimension and 0 at padded
     positions (``chunk_retention``'s fixed decay would also decay the state over right padding).
+    ``qk_norm=True``: per-head RMSNorm (weights of size head_k_dim) on q and k before the rotary embedding.
     """
 
     def __init__(self, dim: int, num_heads: int, causal: bool = True, expand_k: float = 1.0, expand_v: float = 2.0,
                  rope: bool = True, rope_base: float = 10000.0, norm: str = "rmsnorm", norm_eps: float = 1e-5,
                  chunk_size: int = 64, state_dtype: torch.dtype = torch.float32, backend: str = "auto",
-                 qkv_bias: bool = False, proj_bias: bool = False):
+                 qkv_bias: bool = False, proj_bias: bool = False, qk_norm: bool = False):
         super().__init__(dim, num_heads, causal)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
@@ -96,6 +97,7 @@ class MultiScaleRetention(GatedLinearMixer):
         self.g_norm = (nn.RMSNorm if norm == "rmsnorm" else nn.LayerNorm)(self.head_v_dim, eps=norm_eps)
         self.proj = nn.Linear(value_dim, dim, bias=proj_bias)
         self.rotary = RotaryEmbedding(self.head_k_dim, base=rope_base) if self.rope else None
+        self._setup_qk_norm(qk_norm, self.head_k_dim)
         # the fixed per-head decays, made once (decoding runs this mixer one token at a time)
         self.register_buffer("log_decay", retention_log_decay(num_heads), persistent=False)
 
@@ -112,6 +114,7 @@ class MultiScaleRetention(GatedLinearMixer):
         q = self.q_proj(x).view(B, T, H, self.head_k_dim)
         k = self.k_proj(x).view(B, T, H, self.head_k_dim)
         v = self.v_proj(x).view(B, T, H, self.head_v_dim)
+        q, k = self._normalize_qk(q, k)  # qk_norm: before the rotary embedding
         if self.rotary is not None:  # q and k rotated as one tensor: half the kernels of a decoding step's rotation
             cos, sin = self.rotary.cos_sin(positions)
             q, k = self.rotary.rotate(torch.cat([q, k], dim=2), cos, sin).split(H, dim=2)

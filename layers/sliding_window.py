@@ -3,8 +3,9 @@
 Each query sees the keys within ``window`` positions: causal, the ``window`` latest tokens
 including itself (``0 <= i - j < window``); bidirectional, ``|i - j| < window``. A window at least
 as long as the sequence is plain full attention, and is computed exactly as the ``attention`` mixer
-computes it (same kernels, bitwise equal outputs with the same weights); ``window <= 0`` (or a
-non-int window) is an error.
+computes it (same kernels, bitwise equal outputs with the same weights): short inputs are normal at
+run time (decoding starts short). ``window <= 0`` (or a non-int window) is an error, and so is an
+explicit ``window`` larger than a given ``max_seq_len`` (every token would see the whole sequence).
 
 Paths (``naive_masked_attention`` in ``layers.sparse_attention`` is the reference):
 * training / forward: FlexAttention with a cached ``BlockMask`` on CUDA (``backend="auto"`` or
@@ -27,13 +28,24 @@ def naive_sliding_window_attention(q, k, v, window: int, causal: bool) -> torch.
     return naive_masked_attention(q, k, v, sliding_window_allowed(pos[:, None], pos[None, :], window, causal))
 
 
+class _DefaultWindow(int):
+    """The default window (an int, 256), told apart from an explicit ``window=256`` by identity."""
+
+
+DEFAULT_WINDOW = _DefaultWindow(256)
+
+
 @register_mixer("sliding_window")
 class SlidingWindowAttention(SparseSoftmaxAttention):
     """Softmax attention over a local window, with rotary embeddings as in ``attention``.
 
-    Options: ``window`` (int >= 1, default 256; a window >= T is full attention), ``backend``
+    Options: ``window`` (int >= 1, default ``DEFAULT_WINDOW`` = 256; a window >= T is full attention),
+    ``max_seq_len`` (optional, the longest sequence the model will see, as LM / ViT / encoder models pass it:
+    an explicit ``window`` larger than it is refused, naming ``window``; the default window is not checked, so
+    models that leave it unset still build, as full attention when their sequences are shorter), ``backend``
     (auto | flex | sdpa | math), ``qkv_bias``, ``proj_bias``, ``rope`` (None: on when causal),
-    ``rope_base``. ``state_size(T) = 2 * dim * min(T, window)`` (the ring-buffer KV cache).
+    ``rope_base``, ``qk_norm`` (per-head RMSNorm on q and k, as ``attention``'s).
+    ``state_size(T) = 2 * dim * min(T, window)`` (the ring-buffer KV cache).
     """
 
     def __init__(
@@ -41,17 +53,26 @@ class SlidingWindowAttention(SparseSoftmaxAttention):
         dim: int,
         num_heads: int,
         causal: bool = True,
-        window: int = 256,
+        window: int = DEFAULT_WINDOW,
         backend: str = "auto",
         qkv_bias: bool = False,
         proj_bias: bool = False,
         rope: bool | None = None,
         rope_base: float = 10000.0,
+        qk_norm: bool = False,
+        max_seq_len: int | None = None,
     ):
-        window = check_int_option("window", window, 1)
+        explicit = window is not DEFAULT_WINDOW
+        window = int(check_int_option("window", window, 1))
+        if max_seq_len is not None:
+            max_seq_len = check_int_option("max_seq_len", max_seq_len, 1)
+            if explicit and window > max_seq_len:
+                raise ValueError(f"window={window} is larger than max_seq_len={max_seq_len}: every token would see the "
+                                 "whole sequence; use the attention mixer (or a window <= max_seq_len)")
         super().__init__(dim, num_heads, causal, backend=backend, qkv_bias=qkv_bias, proj_bias=proj_bias, rope=rope,
-                         rope_base=rope_base)
+                         rope_base=rope_base, qk_norm=qk_norm)
         self.window = window
+        self.max_seq_len = max_seq_len
 
     def pattern(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return sliding_window_allowed(q_pos, k_pos, self.window, self.causal)

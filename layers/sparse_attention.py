@@ -270,7 +270,8 @@ class SparseSoftmaxAttention(SoftmaxProjections):
     dict of one loads into the other. ``backend``: ``auto`` (FlexAttention on CUDA, SDPA with a
     boolean mask elsewhere), ``flex`` (CUDA only), ``sdpa``, or ``math`` (the float32 reference).
     Dense masks / block masks of unpadded inputs are cached per (T, device) (at most 8 entries;
-    a dense mask takes T*T bytes). Decoding always uses SDPA (``math`` for ``backend="math"``).
+    a dense mask takes T*T bytes). Decoding always uses SDPA (``math`` for ``backend="math"``). ``qk_norm``: as
+    ``attention``'s (per-head RMSNorm on q and k before the rotary embedding).
     """
 
     def __init__(
@@ -283,8 +284,9 @@ class SparseSoftmaxAttention(SoftmaxProjections):
         proj_bias: bool = False,
         rope: bool | None = None,
         rope_base: float = 10000.0,
+        qk_norm: bool = False,
     ):
-        super().__init__(dim, num_heads, causal, qkv_bias, proj_bias, rope, rope_base)
+        super().__init__(dim, num_heads, causal, qkv_bias, proj_bias, rope, rope_base, qk_norm)
         self.backend = check_backend(backend)
         self._mask_cache: dict = {}
 

@@ -121,6 +121,15 @@ def ref_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) ->
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
+def ref_qk_norm(m: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``qk_norm`` option written out: with ``m.qk_norm``, ``t / sqrt(mean(t^2) + eps) * weight`` over the last
+    (head) dim of q and of k, in their dtype, with ``m.q_norm`` / ``m.k_norm``'s weights and eps; else q, k as given."""
+    if not getattr(m, "qk_norm", False):
+        return q, k
+    norm = lambda t, n: t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + n.eps) * n.weight.to(t.dtype)
+    return norm(q, m.q_norm), norm(k, m.k_norm)
+
+
 def linear(layer: nn.Linear, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """``layer(t)`` with the weight and bias cast to ``dtype`` (differentiable w.r.t. both)."""
     return F.linear(t, layer.weight.to(dtype), None if layer.bias is None else layer.bias.to(dtype))
@@ -152,6 +161,7 @@ def reference_softmax_module(m: nn.Module, x: torch.Tensor, mask: torch.Tensor |
     def one(xb):
         n = len(xb)
         q, k, v = linear(m.qkv, xb).view(n, 3, H, Dh).unbind(1)
+        q, k = ref_qk_norm(m, q, k)
         if m.rope:
             pos, base = torch.arange(n), m.rotary.base if rope_base is None else rope_base
             q, k = ref_rope(q, pos, base), ref_rope(k, pos, base)

@@ -16,6 +16,7 @@ import torch
 import layers
 from layers.based import Based, naive_based, taylor_feature_map
 from layers.linear_attention import chunk_gla, naive_recurrent_gla
+from mixer_checks import ref_qk_norm
 from mixer_checks import (assert_close, check_backward_with_left_padding, check_bf16_chunked_vs_naive,
                           check_compile_fullgraph, check_input_errors, check_padding_equals_alone_and_reference,
                           check_prefill_gradient, check_prefill_then_steps, check_state_dtype_option, init_params,
@@ -30,6 +31,7 @@ def reference_based_module(m: Based, x, mask=None, dtype=torch.float32):
     def one(xb):
         n = len(xb)
         q, k, v = linear(m.qkv, xb, dtype).split([H * d, H * d, H * Dh], dim=-1)
+        q, k = ref_qk_norm(m, q.reshape(n, H, d), k.reshape(n, H, d))
         heads = lambda t: t.reshape(n, H, -1).transpose(0, 1)[None]  # [1, H, n, D]
         o = naive_based(heads(q), heads(k), heads(v), eps=m.eps)
         return linear(m.proj, o[0].transpose(0, 1).reshape(n, H * Dh), dtype)

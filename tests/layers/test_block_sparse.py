@@ -402,3 +402,16 @@ def test_registry_and_repr():
     assert isinstance(m, BlockSparseAttention) and m.rope is False
     r = repr(m)
     assert "block_size=16" in r and "seed=3" in r and "random_blocks=1" in r and "causal=False" in r
+
+
+# --- block_size vs max_seq_len ----------------------------------------------------------------------------
+
+
+def test_error_block_size_larger_than_max_seq_len():
+    with pytest.raises(ValueError, match=r"block_size=128 is larger than max_seq_len=100: every sequence would be one "
+                                         r"block and every token would see the whole sequence; use the attention mixer"):
+        layers.create_mixer("block_sparse", 32, 2, block_size=128, max_seq_len=100)
+    with pytest.raises(ValueError, match=r"max_seq_len must be an int >= 1"):
+        layers.create_mixer("block_sparse", 32, 2, max_seq_len=-1)
+    m = make(32, 2, block_size=4, max_seq_len=4)
+    assert m.max_seq_len == 4 and m(torch.randn(1, 3, 32)).shape == (1, 3, 32)

@@ -15,6 +15,7 @@ import torch
 import layers
 import layers.cosformer  # noqa: F401  (registers "cosformer" until layers/__init__.py imports it)
 from layers.cosformer import CosFormer, cos_features, naive_cosformer_attention
+from mixer_checks import ref_qk_norm
 from mixer_checks import (assert_close, check_backward_with_left_padding, check_bf16_mixer_vs_naive,
                           check_compile_fullgraph, check_fully_padded_rows, check_input_errors,
                           check_padding_equals_alone_and_reference, check_prefill_gradient, check_prefill_then_steps,
@@ -32,6 +33,7 @@ def reference_module(m: CosFormer, x, mask=None, dtype=torch.float32):
     def one(xb):
         n = len(xb)
         q, k, v = linear(m.qkv, xb, dtype).view(n, 3, H, Dh).permute(1, 2, 0, 3)[:, None].unbind(0)  # [1, H, n, Dh]
+        q, k = ref_qk_norm(m, q, k)
         M = m.max_seq_len if m.max_seq_len is not None else n
         o = naive_cosformer_attention(q, k, v, M, causal=m.causal, eps=m.eps)
         return linear(m.proj, o[0].transpose(0, 1).reshape(n, H * Dh), dtype)

@@ -46,6 +46,7 @@ from layers.deltanet import (
 )
 from layers.gated_deltanet import naive_recurrent_gated_delta_rule
 from layers.linear_attention import fla_available
+from mixer_checks import ref_qk_norm
 
 FP32_TOL = 1e-5
 BF16_TOL = 3e-2
@@ -294,7 +295,8 @@ def reference_module(m, x, mask=None):
         act = F.silu(act)
         q, k, v = act.split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
         unit = lambda z: z / torch.sqrt((z * z).sum(-1, keepdim=True) + 1e-6)
-        q, k = unit(q.reshape(n, H, Dk)), unit(k.reshape(n, H, Dk))
+        q, k = ref_qk_norm(m, q.reshape(n, H, Dk), k.reshape(n, H, Dk))
+        q, k = unit(q), unit(k)
         v = v.reshape(n, H, Dv)
         beta = torch.sigmoid(lin(m.b_proj, xb))       # [n, H]
         hf = lambda z: z.transpose(0, 1)[None]        # [n, H, ...] -> [1, H, n, ...]

@@ -17,6 +17,7 @@ import torch
 import layers
 from layers.gla import GatedLinearAttention, naive_gla
 from layers.linear_attention import chunk_gla, naive_recurrent_gla
+from mixer_checks import ref_qk_norm
 from mixer_checks import (assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph, check_fla_matches_torch,
                           check_mixer_matches_reference_grads, check_padded_equals_alone, check_prefill_gradient,
                           check_prefill_then_steps, init_params, linear, padding_mask, per_sequence, rand_qkv,
@@ -54,6 +55,7 @@ def reference_gla_module(m: GatedLinearAttention, x, mask=None, dtype=torch.floa
     def one(xb):
         n = len(xb)
         q, k, v = lin(m.q_proj, xb).view(n, H, Dk), lin(m.k_proj, xb).view(n, H, Dk), lin(m.v_proj, xb).view(n, H, Dv)
+        q, k = ref_qk_norm(m, q, k)
         logits = lin(m.gk_proj[1], lin(m.gk_proj[0], xb)).float()
         g = -torch.log1p(torch.exp(-logits)) / m.gate_logit_normalizer  # log sigmoid
         if m.clamp_min is not None:

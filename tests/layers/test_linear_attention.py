@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import layers
 from layers.linear_attention import (FEATURE_MAPS, LinearAttention, chunk_gla, chunk_states, fla_available, naive_linear_attention,
                                      naive_recurrent_gla, recurrent_step)
+from mixer_checks import ref_qk_norm
 from mixer_checks import (assert_close, check_backward_with_left_padding, check_bf16_mixer_vs_naive,
                           check_bidirectional_cannot_decode, check_compile_fullgraph, check_fla_matches_torch,
                           check_input_errors, check_padded_equals_alone, check_padding_equals_alone_and_reference,
@@ -204,8 +205,8 @@ def reference_linear_module(m: LinearAttention, x, mask=None, dtype=torch.float3
     def one(xb):
         n = len(xb)
         heads = lambda t: t.view(n, H, -1).transpose(0, 1)[None]  # [1, H, n, Dh]
-        q = heads(ref_feature_map(m.feature_map, lin(m.q_proj, xb)))
-        k = heads(ref_feature_map(m.feature_map, lin(m.k_proj, xb)))
+        q, k = ref_qk_norm(m, lin(m.q_proj, xb).view(n, H, Dh), lin(m.k_proj, xb).view(n, H, Dh))
+        q, k = heads(ref_feature_map(m.feature_map, q)), heads(ref_feature_map(m.feature_map, k))
         v = heads(lin(m.v_proj, xb))
         o = naive_linear_attention(q, k, v, causal=m.causal, normalize=m.normalize, scale=scale, eps=m.eps)
         return lin(m.proj, o[0].transpose(0, 1).reshape(n, H * Dh))

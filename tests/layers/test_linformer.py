@@ -15,6 +15,7 @@ import torch
 import layers
 import layers.linformer  # noqa: F401  (registers "linformer" until layers/__init__.py imports it)
 from layers.linformer import Linformer, naive_linformer
+from mixer_checks import ref_qk_norm
 from mixer_checks import (assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph, check_fully_padded_rows,
                           check_mixer_matches_reference_grads, check_padded_equals_alone,
                           check_padding_gets_no_gradient, init_params, linear, padding_mask, per_sequence, shape_ids)
@@ -28,6 +29,7 @@ def reference_linformer_module(m: Linformer, x, mask=None, dtype=torch.float32):
     def one(xb):
         n = len(xb)
         q, k, v = (t.transpose(0, 1)[None] for t in linear(m.qkv, xb, dtype).view(n, 3, H, Dh).unbind(1))
+        q, k = ref_qk_norm(m, q, k)
         o = naive_linformer(q, k, v, m.E.to(dtype), m.value_projection.to(dtype))
         return linear(m.proj, o[0].transpose(0, 1).reshape(n, H * Dh), dtype)
 

@@ -24,6 +24,7 @@ import torch
 import layers
 import layers.nystromformer  # noqa: F401  (registers "nystromformer" until layers/__init__.py imports it)
 from layers.nystromformer import PINV_ITERS, Nystromformer, iterative_pinv, naive_nystromformer, segment_means
+from mixer_checks import ref_qk_norm
 from mixer_checks import (assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph,
                           check_backends_match_reference, init_params, linear, max_err, per_sequence, shape_ids)
 
@@ -48,6 +49,7 @@ def reference_nystrom_module(m: Nystromformer, x, mask=None, dtype=torch.float32
     def one(xb):
         n = len(xb)
         q, k, v = (t.transpose(0, 1)[None] for t in linear(m.qkv, xb, dtype).view(n, 3, H, Dh).unbind(1))
+        q, k = ref_qk_norm(m, q, k)
         o = naive_nystromformer(q, k, v, m.num_landmarks, pinv_iters)
         if m.conv is not None:
             o = o + conv_residual(m, v)

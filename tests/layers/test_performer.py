@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import layers
 import layers.performer  # noqa: F401  (registers "performer" until layers/__init__.py imports it)
 from layers.performer import Performer, naive_performer_attention, orthogonal_gaussian_features
+from mixer_checks import ref_qk_norm
 from mixer_checks import (assert_close, check_backward_with_left_padding, check_bf16_mixer_vs_naive,
                           check_bidirectional_cannot_decode, check_compile_fullgraph, check_fully_padded_rows,
                           check_input_errors, check_padding_equals_alone_and_reference, check_prefill_gradient,
@@ -34,6 +35,7 @@ def reference_module(m: Performer, x, mask=None, dtype=torch.float32):
     def one(xb):
         n = len(xb)
         q, k, v = linear(m.qkv, xb, dtype).view(n, 3, H, Dh).permute(1, 2, 0, 3)[:, None].unbind(0)  # [1, H, n, Dh]
+        q, k = ref_qk_norm(m, q, k)
         o = naive_performer_attention(q, k, v, m.projection.float(), causal=m.causal, eps=m.eps)
         return linear(m.proj, o[0].transpose(0, 1).reshape(n, H * Dh), dtype)
 

@@ -106,7 +106,7 @@ def test_unknown_kwarg_names_it_and_lists_valid_ones():
         create_mixer("attention", 32, 2, bakend="math")
     msg = str(info.value)
     assert "'bakend'" in msg and "Did you mean: backend" in msg
-    assert "Valid arguments: backend, proj_bias, qkv_bias, rope, rope_base" in msg
+    assert "Valid arguments: backend, proj_bias, qk_norm, qkv_bias, rope, rope_base" in msg
 
 
 def test_unknown_kwarg_skipped_for_var_kwargs_mixers(temp_mixer):

@@ -17,6 +17,7 @@ import torch
 import layers
 from layers.linear_attention import chunk_gla, naive_recurrent_gla
 from layers.retnet import MultiScaleRetention, naive_retention, retention_log_decay
+from mixer_checks import ref_qk_norm
 from mixer_checks import (assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph, check_fla_matches_torch,
                           check_mixer_matches_reference_grads, check_padded_equals_alone, check_prefill_then_steps,
                           init_params, linear, padding_mask, per_sequence, prefill_chunks, rand_qkv, ref_rope,
@@ -66,6 +67,7 @@ def reference_retnet_module(m: MultiScaleRetention, x, mask=None, dtype=torch.fl
     def one(xb):
         n = len(xb)
         q, k, v = lin(m.q_proj, xb).view(n, H, Dk), lin(m.k_proj, xb).view(n, H, Dk), lin(m.v_proj, xb).view(n, H, Dv)
+        q, k = ref_qk_norm(m, q, k)
         if m.rope:
             q, k = ref_rope(q, torch.arange(n), m.rotary.base), ref_rope(k, torch.arange(n), m.rotary.base)
         heads = lambda t: t.transpose(0, 1)[None]

@@ -401,3 +401,29 @@ def test_registry_and_repr():
     m = layers.create_mixer("sliding_window", 32, 2, window=7, backend="math")
     assert isinstance(m, SlidingWindowAttention)
     assert "window=7" in repr(m) and "backend='math'" in repr(m) and "rope=True" in repr(m)
+
+
+# --- window vs max_seq_len (refused at construction; short inputs stay fine at run time) ----------------------
+
+
+def test_error_window_larger_than_max_seq_len():
+    with pytest.raises(ValueError, match=r"window=65 is larger than max_seq_len=64: every token would see the whole "
+                                         r"sequence; use the attention mixer"):
+        layers.create_mixer("sliding_window", 32, 2, window=65, max_seq_len=64)
+    with pytest.raises(ValueError, match=r"window=300 is larger than max_seq_len=197"):
+        layers.create_mixer("sliding_window", 32, 2, causal=False, window=300, max_seq_len=197)
+    with pytest.raises(ValueError, match=r"max_seq_len must be an int >= 1"):
+        layers.create_mixer("sliding_window", 32, 2, window=4, max_seq_len=0)
+
+
+def test_window_up_to_max_seq_len_builds_and_short_inputs_run():
+    """window <= max_seq_len builds; T < window at run time stays full attention (decoding starts short); the
+    default window (256) is not checked against max_seq_len, so models that leave it unset still build."""
+    m = make(32, 2, window=64, max_seq_len=64)
+    assert m.window == 64 and m.max_seq_len == 64 and m(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+    explicit_256 = layers.create_mixer("sliding_window", 32, 2, window=256, max_seq_len=1024)
+    assert explicit_256.window == 256
+    default = layers.create_mixer("sliding_window", 32, 2, max_seq_len=197)
+    assert default.window == 256 and type(default.window) is int
+    with pytest.raises(ValueError, match="window=256 is larger than max_seq_len=197"):
+        layers.create_mixer("sliding_window", 32, 2, window=256, max_seq_len=197)
