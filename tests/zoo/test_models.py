@@ -630,3 +630,14 @@ def test_every_tiny_vit_variant_runs(name):
 def test_an_lm_refuses_a_bidirectional_only_mixer():
     with pytest.raises(ValueError, match="mixer 'nystromformer' is bidirectional only and cannot serve a lm model"):
         zoo.create_model("lm-tiny", mixer="nystromformer")
+
+
+@pytest.mark.parametrize("name", zoo.list_models("vit-*-sliding-window") + zoo.list_models("vit-*-block-sparse"))
+def test_vit_local_attention_variants_are_local(name):
+    """The window (or block) is sized to the patch grid: shorter than the sequence, so the mixer is not full attention."""
+    with torch.device("meta"):
+        model = zoo.create_model(name)
+    tokens = (model.config.img_size // model.config.patch_size) ** 2 + 1
+    mixer = model.blocks[0].mixer
+    span = mixer.window if hasattr(mixer, "window") else mixer.block_size * (2 * mixer.window_blocks + 1)
+    assert span < tokens, (name, span, tokens)

@@ -171,8 +171,10 @@ VIT_MIXER_VARIANTS: dict[str, Any] = {
     "linear": "linear",
     # EfficientViT (Cai et al. 2023): ReLU linear attention
     "relu-linear": {"name": "linear", "feature_map": "relu"},
-    "sliding-window": "sliding_window",
-    "block-sparse": "block_sparse",
+    # windows sized to the patch grid (the mixers' defaults, 256 tokens and blocks of 64, span a whole ViT
+    # sequence): a quarter of the patches (49 of 196 at /16, 16 of 64 for tiny); blocks of an eighth
+    "sliding-window": Variant(lambda size: {"mixer": {"name": "sliding_window", "window": vit_num_patches(size) // 4}}),
+    "block-sparse": Variant(lambda size: {"mixer": {"name": "block_sparse", "block_size": vit_num_patches(size) // 8}}),
     "nystromformer": {"name": "nystromformer", "num_landmarks": 32},
     "linformer": {"name": "linformer", "k": 64},
     "performer": "performer",
