@@ -45,7 +45,8 @@ class Mixer(nn.Module):
         if causal and not self.supports_causal:
             raise ValueError(f"{name} does not support causal=True (it is bidirectional only)")
         if not causal and not self.supports_bidirectional:
-            raise ValueError(f"{name} does not support causal=False (it is causal only)")
+            raise ValueError(f"{name} does not support causal=False (it is causal only; the bidirectional wrapper runs "
+                             f"it both ways: {{'name': 'bidirectional', 'inner': {{'name': ...}}}})")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
