@@ -27,6 +27,11 @@ few kernel calls, so it loses where a step's state is small: ``scan="auto"`` (th
 CPU calls whose state, batch x d_inner x d_state, exceeds ``SEQUENTIAL_MIN_STATE``, and the chunked scan
 otherwise: on GPUs, under torch.compile (whose graph would unroll the walk) and for small states.
 
+No kernel backend: mamba-ssm's selective scan (``selective_scan_fn``) and the causal-conv1d package are CUDA
+extensions, published here only as source distributions that must be compiled against the installed torch; the
+GPU machines these layers were tested on could not build them within a run, so an untested ``backend`` is not
+offered. (Mamba-2's SSD has our Triton kernels and mamba-ssm's Triton path: :mod:`layers.mamba2`.)
+
 float32 parameters: ``A_log``, ``D`` and ``dt_proj.bias`` stay float32 when the module is cast to
 half precision (``.to(torch.bfloat16)``, ``.half()``): ``_apply`` keeps them float32 (and moves
 them to the new device), as mamba-ssm keeps them in float32 for stability. ``dt_proj.bias`` is
