@@ -11,6 +11,11 @@ builds through ``create_mixer``. Padding masks are flipped with x (a right-padde
 left-padded); the inner mixer's own mask handling then makes each real token see exactly its own
 sequence, in both directions. The wrapper reads future tokens, so it cannot decode token by token.
 
+A model's own options for its mixers (``max_seq_len`` for fixed-length mixers such as cosformer, timm's
+biases for ViTs) reach the inner mixer through :meth:`Bidirectional.fill_defaults`, which a model's
+mixer builder calls: each option goes into the inner spec where the inner mixer's constructor takes it
+and the spec does not set it already.
+
 Tolerances (tests): float32, 1e-5 of ``max(1, max|expected|)``; the wrapper adds no arithmetic of its
 own beyond the sum / projection, so it inherits the inner mixer's bf16 accuracy.
 """
@@ -21,9 +26,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from layers.mixer import Mixer, create_mixer, get_mixer_class, parse_mixer_spec, register_mixer
+from layers.mixer import Mixer, create_mixer, fill_accepted, get_mixer_class, parse_mixer_spec, register_mixer
+from layers.registry import signature_kwargs
 
 COMBINES = ("add", "concat")
+DEFAULT_INNER = "gla"
 
 
 @register_mixer("bidirectional")
@@ -38,7 +45,7 @@ class Bidirectional(Mixer):
 
     supports_causal = False
 
-    def __init__(self, dim: int, num_heads: int, causal: bool = False, inner: str | Mapping[str, Any] = "gla",
+    def __init__(self, dim: int, num_heads: int, causal: bool = False, inner: str | Mapping[str, Any] = DEFAULT_INNER,
                  share: bool = False, combine: str = "add"):
         super().__init__(dim, num_heads, causal)
         try:
@@ -59,6 +66,25 @@ class Bidirectional(Mixer):
         self.fwd = make()
         self.bwd = self.fwd if self.share else make()
         self.proj = nn.Linear(2 * dim, dim, bias=False) if combine == "concat" else None
+
+    @classmethod
+    def fill_defaults(cls, kwargs: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """``kwargs`` (this wrapper's options) with a model's ``defaults`` filled in: the wrapper's own options
+        where its constructor takes them, and the inner spec's options where the inner mixer's constructor
+        takes them (recursively through an inner wrapper). Options already given win; ``causal`` is never
+        filled (the wrapper sets it). An invalid inner spec is left as given, for ``__init__`` to report."""
+        own = set(signature_kwargs(cls.__init__) or []) - {"self", "dim", "num_heads", "causal", "inner"}
+        out = {**{k: v for k, v in defaults.items() if k in own}, **kwargs}
+        spec = kwargs.get("inner", DEFAULT_INNER)
+        try:
+            name, inner_kwargs = parse_mixer_spec(spec)
+            inner_cls = get_mixer_class(name)
+        except (TypeError, ValueError):
+            return out
+        filled = fill_accepted(inner_cls, inner_kwargs, {k: v for k, v in defaults.items() if k != "causal"})
+        if filled != inner_kwargs:
+            out["inner"] = {"name": name, **filled}
+        return out
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, mask)

@@ -113,6 +113,17 @@ class Mixer(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, causal={self.causal}{qk}"
 
 
+
+def fill_accepted(cls: type[Mixer], kwargs: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with a model's ``defaults`` filled in where ``cls``'s constructor takes them (through
+    ``cls.fill_defaults`` where it has one, e.g. a wrapper that passes them on to the mixer it wraps); options in
+    ``kwargs`` win."""
+    hook = getattr(cls, "fill_defaults", None)
+    if hook is not None:
+        return hook(kwargs, defaults)
+    accepted = set(signature_kwargs(cls.__init__) or []) - {"self", "dim", "num_heads", "causal"}
+    return {**{k: v for k, v in defaults.items() if k in accepted}, **kwargs}
+
 def register_mixer(name: str):
     """Class decorator: ``@register_mixer("gla") class GLA(Mixer): ...``."""
 

@@ -11,15 +11,33 @@ import torch
 import layers
 import layers.bidirectional  # noqa: F401  (registers "bidirectional")
 import layers.rwkv6  # noqa: F401  (registers "rwkv6")
+import zoo
 from layers.bidirectional import Bidirectional
 from mixer_checks import assert_close, check_compile_fullgraph, check_padded_equals_alone, padding_mask
 
-INNERS = ["gla", "retnet", "deltanet", "linear", "rwkv6"]
+# every registered mixer that can run causally, so that a new causal mixer is covered without editing this list
+INNERS = [n for n in layers.list_mixers() if layers.get_mixer_class(n).supports_causal]
+MASKED_INNERS = [n for n in INNERS if layers.get_mixer_class(n).supports_mask]
 B, T, D, H = 3, 13, 32, 2
+MAX_LEN = 32  # the model-level max_seq_len the tests fill in (fixed-length mixers: cosformer, hyena's filter, ...)
+# windows and blocks small enough that the tests' 13 / 21 tokens span several of them
+INNER_OPTIONS = {"block_sparse": {"block_size": 4}, "sliding_window": {"window": 5}}
 
 
 def make(inner="gla", **kwargs) -> Bidirectional:
     return layers.create_mixer("bidirectional", D, H, causal=False, inner=inner, **kwargs)
+
+
+def make_any(inner: str, **kwargs) -> Bidirectional:
+    """The wrapper around any registered causal mixer, with a model's ``max_seq_len`` filled in as a model would."""
+    spec = {"name": inner, **INNER_OPTIONS.get(inner, {})}
+    options = Bidirectional.fill_defaults({"inner": spec, **kwargs}, {"max_seq_len": MAX_LEN})
+    return layers.create_mixer("bidirectional", D, H, causal=False, **options)
+
+
+def test_inners_cover_the_registry():
+    assert {"gla", "retnet", "deltanet", "linear", "rwkv6", "cosformer", "mamba2", "hyena", "s4d"} <= set(INNERS)
+    assert "bidirectional" not in INNERS and "linformer" not in INNERS
 
 
 def by_hand(m: Bidirectional, x, mask=None):
@@ -31,18 +49,19 @@ def by_hand(m: Bidirectional, x, mask=None):
 
 @pytest.mark.parametrize("inner", INNERS)
 def test_matches_inner_mixers_by_hand(inner):
-    m = make(inner)
-    assert m.fwd is not m.bwd and m.fwd.causal and m.bwd.causal
+    m = make_any(inner)
+    assert m.fwd is not m.bwd and m.fwd.causal and m.bwd.causal and m.inner_name == inner
     x = torch.randn(B, T, D)
-    mask = padding_mask([13, 8, 3], T, "right")
     assert_close(m(x), by_hand(m, x))
-    assert_close(m(x, mask), by_hand(m, x, mask))
+    if m.fwd.supports_mask:
+        mask = padding_mask([13, 8, 3], T, "right")
+        assert_close(m(x, mask), by_hand(m, x, mask))
 
 
-@pytest.mark.parametrize("inner", ["gla", "deltanet"])
+@pytest.mark.parametrize("inner", MASKED_INNERS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_equals_alone(inner, side):
-    m = make(inner)
+    m = make_any(inner)
     x = torch.randn(4, 21, D)
     check_padded_equals_alone(m, x, padding_mask([21, 9, 1, 14], 21, side))
 
@@ -80,6 +99,38 @@ def test_config_spec_mapping():
     m = layers.create_mixer(name, D, H, causal=False, **kwargs)
     assert m.fwd.head_k_dim == m.bwd.head_k_dim == D // H and m.inner_name == "gla"
     assert layers.get_mixer_class("bidirectional").supports_causal is False
+
+
+def test_fill_defaults_reaches_the_inner_mixer():
+    """A model's options go into the inner spec where the inner mixer takes them; the spec's own options win."""
+    fill = Bidirectional.fill_defaults
+    vit = {"qkv_bias": True, "proj_bias": True, "max_seq_len": 17}
+    assert fill({"inner": "cosformer", "combine": "concat"}, vit) == {
+        "inner": {"name": "cosformer", "qkv_bias": True, "proj_bias": True, "max_seq_len": 17}, "combine": "concat"}
+    assert fill({}, vit) == {"inner": {"name": "gla", "qkv_bias": True, "proj_bias": True}}  # the default inner
+    assert fill({"inner": {"name": "cosformer", "max_seq_len": 9}}, {"max_seq_len": 17}) == {
+        "inner": {"name": "cosformer", "max_seq_len": 9}}
+    assert fill({"inner": "mamba2"}, vit) == {"inner": "mamba2"}  # takes none of them: the spec is left as given
+    assert fill({"inner": {"name": "bidirectional", "inner": "cosformer"}}, {"max_seq_len": 17}) == {
+        "inner": {"name": "bidirectional", "inner": {"name": "cosformer", "max_seq_len": 17}}}
+    for bad in ("glaa", {"expand_k": 1.0}, 3):  # left for the constructor to report
+        assert fill({"inner": bad}, vit) == {"inner": bad}
+
+
+def test_vit_passes_its_max_seq_len_to_a_fixed_length_inner_mixer():
+    """cosformer needs max_seq_len when causal; a ViT's token count must reach it through the wrapper."""
+    model = zoo.create_model("vit-tiny", depth=2, mixer={"name": "bidirectional", "inner": {"name": "cosformer"}})
+    num_tokens = (model.config.img_size // model.config.patch_size) ** 2 + 1
+    for block in model.blocks:
+        assert block.mixer.inner_name == "cosformer" and block.mixer.fwd.max_seq_len == num_tokens
+        assert block.mixer.fwd.qkv.bias is not None  # the ViT's biased projections too
+    img = torch.randn(2, 3, model.config.img_size, model.config.img_size)
+    out = model(img)
+    assert out.shape == (2, model.config.num_classes) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert model.blocks[0].mixer.bwd.qkv.weight.grad.abs().max() > 0
+    with pytest.raises(ValueError, match=r"inner: unknown mixer 'cosformr'"):
+        zoo.create_model("vit-tiny", depth=2, mixer={"name": "bidirectional", "inner": "cosformr"})
 
 
 def test_compile_fullgraph():

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeFloat, NonNegativeInt, Po
 from torch import nn
 
 import layers
-from layers.registry import signature_kwargs
+from layers.mixer import fill_accepted
 from zoo.checkpoint import load_module, read_json, save_module, write_json
 from zoo.registry import FAMILIES
 
@@ -180,14 +180,13 @@ def build_mixer(family: str, name: str, kwargs: dict[str, Any], dim: int, num_he
                 defaults: dict[str, Any]) -> layers.Mixer:
     """One layer's mixer for a family: refuse a mixer that cannot mix in the family's direction, and fill the
     family's ``defaults`` (e.g. ``max_seq_len`` for fixed-length mixers, timm's biases for ViTs) into the
-    options the mixer's constructor takes; options given in the mixer spec win."""
+    options the mixer's constructor takes (a mixer with a ``fill_defaults`` classmethod, such as the bidirectional
+    wrapper, fills them itself, into its inner mixer's spec too); options given in the mixer spec win."""
     cls = layers.get_mixer_class(name)
     if not (cls.supports_causal if causal else cls.supports_bidirectional):
         kind = "bidirectional" if causal else "causal"
         raise ValueError(f"mixer {name!r} is {kind} only and cannot serve a {family} model")
-    accepted = signature_kwargs(cls.__init__) or []
-    options = {**{k: v for k, v in defaults.items() if k in accepted}, **kwargs}
-    return layers.create_mixer(name, dim, num_heads, causal=causal, **options)
+    return layers.create_mixer(name, dim, num_heads, causal=causal, **fill_accepted(cls, kwargs, defaults))
 
 
 def model_from_record(record: dict[str, Any]) -> ZooModel:
