@@ -35,11 +35,13 @@ def naive_block_sparse_attention(q, k, v, *, block_size: int, window_blocks: int
     return naive_masked_attention(q, k, v, allowed)
 
 
+DEFAULT_BLOCK_SIZE = 64
+
 @register_mixer("block_sparse")
 class BlockSparseAttention(SparseSoftmaxAttention):
     """BigBird-style block-sparse attention, causal or bidirectional, with rotary embeddings as in ``attention``.
 
-    Options: ``block_size`` (>= 1, default 64), ``window_blocks`` (>= 0, default 1 on each side),
+    Options: ``block_size`` (>= 1; None: ``DEFAULT_BLOCK_SIZE`` = 64, cut to ``max_seq_len``), ``window_blocks`` (>= 0, default 1 on each side),
     ``global_blocks`` (>= 0, default 1), ``random_blocks`` (>= 0, default 1 per query block), ``seed``
     (int, default 0), ``backend`` (auto | flex | sdpa | math), ``qkv_bias``, ``proj_bias``, ``rope``
     (None: on when causal), ``rope_base``, ``max_seq_len`` (optional, passed by LM / ViT / encoder models: a
@@ -52,7 +54,7 @@ class BlockSparseAttention(SparseSoftmaxAttention):
         dim: int,
         num_heads: int,
         causal: bool = True,
-        block_size: int = 64,
+        block_size: int | None = None,
         window_blocks: int = 1,
         global_blocks: int = 1,
         random_blocks: int = 1,
@@ -65,6 +67,10 @@ class BlockSparseAttention(SparseSoftmaxAttention):
         qk_norm: bool = False,
         max_seq_len: int | None = None,
     ):
+        if max_seq_len is not None:
+            max_seq_len = check_int_option("max_seq_len", max_seq_len, 1)
+        if block_size is None:
+            block_size = DEFAULT_BLOCK_SIZE if max_seq_len is None else min(DEFAULT_BLOCK_SIZE, max_seq_len)
         options = {
             "block_size": check_int_option("block_size", block_size, 1),
             "window_blocks": check_int_option("window_blocks", window_blocks, 0),
@@ -73,7 +79,6 @@ class BlockSparseAttention(SparseSoftmaxAttention):
             "seed": check_int_option("seed", seed, 0),
         }
         if max_seq_len is not None:
-            max_seq_len = check_int_option("max_seq_len", max_seq_len, 1)
             if options["block_size"] > max_seq_len:
                 raise ValueError(f"block_size={block_size} is larger than max_seq_len={max_seq_len}: every sequence would be "
                                  "one block and every token would see the whole sequence; use the attention mixer "

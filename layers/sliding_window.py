@@ -28,21 +28,16 @@ def naive_sliding_window_attention(q, k, v, window: int, causal: bool) -> torch.
     return naive_masked_attention(q, k, v, sliding_window_allowed(pos[:, None], pos[None, :], window, causal))
 
 
-class _DefaultWindow(int):
-    """The default window (an int, 256), told apart from an explicit ``window=256`` by identity."""
-
-
-DEFAULT_WINDOW = _DefaultWindow(256)
+DEFAULT_WINDOW = 256
 
 
 @register_mixer("sliding_window")
 class SlidingWindowAttention(SparseSoftmaxAttention):
     """Softmax attention over a local window, with rotary embeddings as in ``attention``.
 
-    Options: ``window`` (int >= 1, default ``DEFAULT_WINDOW`` = 256; a window >= T is full attention),
-    ``max_seq_len`` (optional, the longest sequence the model will see, as LM / ViT / encoder models pass it:
-    an explicit ``window`` larger than it is refused, naming ``window``; the default window is not checked, so
-    models that leave it unset still build, as full attention when their sequences are shorter), ``backend``
+    Options: ``window`` (int >= 1; None: ``DEFAULT_WINDOW`` = 256, cut to ``max_seq_len``; a window >= T is full
+    attention), ``max_seq_len`` (optional, the longest sequence the model will see, as LM / ViT / encoder models
+    pass it: a ``window`` larger than it is refused, naming ``window``), ``backend``
     (auto | flex | sdpa | math), ``qkv_bias``, ``proj_bias``, ``rope`` (None: on when causal),
     ``rope_base``, ``qk_norm`` (per-head RMSNorm on q and k, as ``attention``'s).
     ``state_size(T) = 2 * dim * min(T, window)`` (the ring-buffer KV cache).
@@ -53,7 +48,7 @@ class SlidingWindowAttention(SparseSoftmaxAttention):
         dim: int,
         num_heads: int,
         causal: bool = True,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
         backend: str = "auto",
         qkv_bias: bool = False,
         proj_bias: bool = False,
@@ -62,11 +57,13 @@ class SlidingWindowAttention(SparseSoftmaxAttention):
         qk_norm: bool = False,
         max_seq_len: int | None = None,
     ):
-        explicit = window is not DEFAULT_WINDOW
-        window = int(check_int_option("window", window, 1))
         if max_seq_len is not None:
             max_seq_len = check_int_option("max_seq_len", max_seq_len, 1)
-            if explicit and window > max_seq_len:
+        if window is None:
+            window = DEFAULT_WINDOW if max_seq_len is None else min(DEFAULT_WINDOW, max_seq_len)
+        window = check_int_option("window", window, 1)
+        if max_seq_len is not None:
+            if window > max_seq_len:
                 raise ValueError(f"window={window} is larger than max_seq_len={max_seq_len}: every token would see the "
                                  "whole sequence; use the attention mixer (or a window <= max_seq_len)")
         super().__init__(dim, num_heads, causal, backend=backend, qkv_bias=qkv_bias, proj_bias=proj_bias, rope=rope,

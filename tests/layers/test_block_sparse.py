@@ -415,3 +415,6 @@ def test_error_block_size_larger_than_max_seq_len():
         layers.create_mixer("block_sparse", 32, 2, max_seq_len=-1)
     m = make(32, 2, block_size=4, max_seq_len=4)
     assert m.max_seq_len == 4 and m(torch.randn(1, 3, 32)).shape == (1, 3, 32)
+    # the default block size (64) is cut to a shorter max_seq_len
+    assert layers.create_mixer("block_sparse", 32, 2, max_seq_len=16).block_size == 16
+    assert layers.create_mixer("block_sparse", 32, 2, max_seq_len=1024).block_size == 64

@@ -371,7 +371,7 @@ def test_cuda_flex_bf16_error_ratio(causal):
 # --- errors -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("window", [0, -3, 2.5, "8", True, None])
+@pytest.mark.parametrize("window", [0, -3, 2.5, "8", True])  # None: the default window
 def test_error_bad_window(window):
     with pytest.raises(ValueError, match=r"window must be an int >= 1"):
         layers.create_mixer("sliding_window", 32, 2, window=window)
@@ -418,12 +418,13 @@ def test_error_window_larger_than_max_seq_len():
 
 def test_window_up_to_max_seq_len_builds_and_short_inputs_run():
     """window <= max_seq_len builds; T < window at run time stays full attention (decoding starts short); the
-    default window (256) is not checked against max_seq_len, so models that leave it unset still build."""
+    default window (None: 256, cut to max_seq_len) always builds."""
     m = make(32, 2, window=64, max_seq_len=64)
     assert m.window == 64 and m.max_seq_len == 64 and m(torch.randn(2, 5, 32)).shape == (2, 5, 32)
     explicit_256 = layers.create_mixer("sliding_window", 32, 2, window=256, max_seq_len=1024)
     assert explicit_256.window == 256
-    default = layers.create_mixer("sliding_window", 32, 2, max_seq_len=197)
-    assert default.window == 256 and type(default.window) is int
+    assert layers.create_mixer("sliding_window", 32, 2, max_seq_len=197).window == 197
+    assert layers.create_mixer("sliding_window", 32, 2, max_seq_len=1024).window == 256
+    assert layers.create_mixer("sliding_window", 32, 2).window == 256
     with pytest.raises(ValueError, match="window=256 is larger than max_seq_len=197"):
         layers.create_mixer("sliding_window", 32, 2, window=256, max_seq_len=197)
