@@ -66,8 +66,8 @@ def remove(model: DiffusionUNet) -> None:
 # --- DeepCache ----------------------------------------------------------------------------------------------
 
 
-def _text_kwargs(block: torch.nn.Module, text: torch.Tensor | None) -> dict[str, Any]:
-    return {"encoder_hidden_states": text} if getattr(block, "has_cross_attention", False) else {}
+def _text_kwargs(block: torch.nn.Module, text: dict[str, Any]) -> dict[str, Any]:
+    return text if getattr(block, "has_cross_attention", False) else {}
 
 
 def _embedding(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -84,7 +84,7 @@ def _embedding(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any) -
     return emb
 
 
-def _up(block, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+def _up(block, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, text: dict[str, Any]) -> torch.Tensor:
     """One up block, consuming its skip states from the end of ``skips``."""
     n = len(block.resnets)
     res, skips[-n:] = tuple(skips[-n:]), []
@@ -110,7 +110,7 @@ def _pairs(block: nn.Module, start: int, stop: int, resample: bool):
             setattr(block, name, module)
 
 
-def unet_forward(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any, branch: int,
+def unet_forward(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any], branch: int,
                  cached: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' U-Net forward split at skip branch ``branch``: returns (prediction, cached features).
 
@@ -120,16 +120,17 @@ def unet_forward(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Any,
     previous stage's downsampled output after) and ``j >= 1`` the output of its ``j``-th pair. The features are
     the input of the up pair that takes that skip state. Without ``cached`` the whole network runs. With it, only
     the down path up to the branch runs (for its skip states), then the up path from that up pair on, from
-    ``cached``: branch 0 runs conv_in, the last up pair and conv_out.
+    ``cached``: branch 0 runs conv_in, the last up pair and conv_out. ``cond``: the U-Net's conditioning arguments
+    (:meth:`zoo.models.diffusion.DiffusionUNet.unet_inputs`).
     """
-    from diffusers import UNet2DConditionModel
-
-    text = cond if isinstance(unet, UNet2DConditionModel) else None
+    text = {k: v for k, v in cond.items() if k != "class_labels"}
+    if text.get("encoder_attention_mask") is not None:  # a keep mask -> the additive bias, as diffusers' forward
+        text["encoder_attention_mask"] = ((1 - text["encoder_attention_mask"].to(sample.dtype)) * -10000.0).unsqueeze(1)
     pairs = len(unet.down_blocks[0].resnets)
     stage, done = divmod(branch, pairs + 1)  # `done`: the stage's pairs that produce skips up to the branch
     up_stage = len(unet.up_blocks) - 1 - stage
     entry = pairs - done  # the up pair that takes the branch's skip state
-    emb = _embedding(unet, sample, timesteps, cond)
+    emb = _embedding(unet, sample, timesteps, cond.get("class_labels"))
     x = unet.conv_in(sample)
     skips = [x]
 
@@ -198,7 +199,7 @@ class DeepCache(Acceleration):
         self.last_timestep = timesteps
         full = self.calls % self.interval == 0
         self.calls += 1
-        out, features = unet_forward(self.model.unet, sample, timesteps, cond, self.branch,
+        out, features = unet_forward(self.model.unet, sample, timesteps, self.model.unet_inputs(cond, sample.dtype), self.branch,
                                      cached=None if full else self.features)
         self.features = features
         return out

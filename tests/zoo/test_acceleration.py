@@ -35,9 +35,17 @@ def text_unet():
     return zoo.create_model("unet-sd15", **TINY_SD).eval()
 
 
+@pytest.fixture(scope="module")
+def caption_unet():
+    torch.manual_seed(0)
+    return zoo.create_model("unet-tiny-captions").eval()
+
+
 def inputs(model, batch=2, generator_seed=0):
     g = torch.Generator().manual_seed(generator_seed)
     x = torch.randn(batch, *model.sample_shape, generator=g)
+    if model.cond_kind == "captions":  # of different lengths: the padding mask matters
+        return x, ["a red circle on a dark blue background", "a star"][:batch]
     cond = (torch.arange(batch) if model.cond_kind == "class labels"
             else torch.randn(batch, 7, model.config.cross_attention_dim, generator=g))
     return x, cond
@@ -47,14 +55,15 @@ def inputs(model, batch=2, generator_seed=0):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("which", ["pixel_unet", "text_unet"])
+@pytest.mark.parametrize("which", ["pixel_unet", "text_unet", "caption_unet"])
 def test_deepcache_interval_1_is_exact(which, request):
     model = request.getfixturevalue(which)
     x, cond = inputs(model)
     ref = model(x, 500, cond)
     with deepcache(model, interval=1, branch=0):
         for t in (900, 500, 100):  # every call is a full step
-            assert torch.equal(model(x, t, cond), model.unet(x, torch.full((2,), float(t)), **{model.cond_arg: cond}).sample)
+            direct = model.unet(x, torch.full((2,), float(t)), **model.unet_inputs(cond, x.dtype)).sample
+            assert torch.equal(model(x, t, cond), direct)
         assert torch.equal(model(x, 500, cond), ref)
     assert not applied(model) and torch.equal(model(x, 500, cond), ref)
 
@@ -182,13 +191,14 @@ def test_deepcache_errors(pixel_unet):
 
 
 @torch.no_grad()
-def test_tome_sd_ratio_0_is_exact_and_removable(text_unet):
-    model = text_unet
+@pytest.mark.parametrize("which", ["text_unet", "caption_unet"])
+def test_tome_sd_ratio_0_is_exact_and_removable(which, request):
+    model = request.getfixturevalue(which)
     x, cond = inputs(model)
     ref = model(x, 500, cond)
     with tome_sd(model, ratio=0.0):
         assert torch.equal(model(x, 500, cond), ref)
-    handle = tome_sd(model, ratio=0.5)
+    handle = tome_sd(model, ratio=0.5, max_downsample=4)  # the caption U-Net's attention starts at 16x16
     assert not torch.equal(model(x, 500, cond), ref)
     remove(model)
     assert not applied(model) and torch.equal(model(x, 500, cond), ref)

@@ -325,12 +325,16 @@ class DiffusionUNet(DiffusionBackbone):
         elif not isinstance(cond, torch.Tensor) or cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != dim:
             raise ValueError(f"cond must be text states of shape [{batch}, tokens, {dim}], got {_shape(cond)}")
 
-    def predict(self, sample, timesteps, cond):
+    def unet_inputs(self, cond: Any, dtype: torch.dtype) -> dict[str, Any]:
+        """The diffusers U-Net's conditioning arguments for ``cond``: class labels, text states, or the caption
+        encoder's states and padding mask (``encoder_attention_mask``, True where a token is kept)."""
         if self.caption_encoder is None:
-            return self.unet(sample, timesteps, **{self.cond_arg: cond}).sample
+            return {self.cond_arg: cond}
         states, keep = self.caption_encoder(list(cond))
-        return self.unet(sample, timesteps, encoder_hidden_states=states.to(sample.dtype),
-                         encoder_attention_mask=keep).sample
+        return {"encoder_hidden_states": states.to(dtype), "encoder_attention_mask": keep}
+
+    def predict(self, sample, timesteps, cond):
+        return self.unet(sample, timesteps, **self.unet_inputs(cond, sample.dtype)).sample
 
 
 def create_unet(name: str, defaults: dict[str, Any], **overrides: Any) -> DiffusionUNet:
