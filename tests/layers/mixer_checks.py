@@ -222,6 +222,16 @@ def check_grads_match(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
         assert_close(got[name], g, msg=f"{label}grad of {name}")
 
 
+def check_step_gradients(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    """Decoding one token at a time is differentiable and has the forward pass's gradients (x and all weights)."""
+    grads = []
+    for fn in (m, lambda t: step_through(m, t, m.init_state(x.shape[0]))[0]):
+        m.zero_grad()
+        _, gx = forward_backward(fn, x, dy)
+        grads.append({"x": gx, **param_grads(m)})
+    check_grads_match(grads[1], grads[0])
+
+
 def check_backends_match_reference(mixers: dict[str, nn.Module], reference: Callable, x: torch.Tensor, dy: torch.Tensor,
                                    expected_params: set[str] | None = None) -> None:
     """Gradients of x and of every parameter: each mixer vs ``mixers["ref"]`` run through ``reference(m, x)``."""

@@ -21,9 +21,9 @@ import layers.hyena  # noqa: F401  (registers "hyena")
 from layers.hyena import Hyena, HyenaFilter, naive_long_conv
 from layers.s4d import causal_fft_conv
 from mixer_checks import (BF16_TOL, assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph,
-                          check_grads_match, check_mixer_matches_reference_grads, check_padded_equals_alone,
-                          check_prefill_gradient, check_prefill_then_steps, forward_backward, linear, max_err,
-                          padding_mask, param_grads, per_sequence, shape_ids, state_checker, step_through)
+                          check_mixer_matches_reference_grads, check_padded_equals_alone, check_prefill_gradient,
+                          check_prefill_then_steps, check_step_gradients, linear, max_err, padding_mask, per_sequence,
+                          shape_ids, state_checker, step_through)
 
 MAX_LEN = 128
 
@@ -139,14 +139,7 @@ def test_prefill_gradient_matches_forward():
 
 def test_step_gradients_match_forward():
     """Decoding one token at a time is differentiable and has the forward pass's gradients (x and all weights)."""
-    m = make_mixer(16, 2)
-    x0, dy = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
-    grads = []
-    for fn in (m, lambda t: step_through(m, t, m.init_state(2))[0]):
-        m.zero_grad()
-        y, gx = forward_backward(fn, x0, dy)
-        grads.append({"x": gx, **param_grads(m)})
-    check_grads_match(grads[1], grads[0])
+    check_step_gradients(make_mixer(16, 2), torch.randn(2, 9, 16), torch.randn(2, 9, 16))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

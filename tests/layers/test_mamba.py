@@ -21,11 +21,10 @@ import layers.mamba
 from layers.mamba import (Mamba, selective_scan_chunked, selective_scan_ref, selective_scan_sequential,
                           selective_state_update)
 from mixer_checks import (BF16_TOL, assert_close, check_bf16_chunked_vs_naive, check_compile_fullgraph,
-                          check_decoding_after_masked_prefill, check_fully_padded_rows, check_grads_match,
-                          check_input_errors, check_mixer_matches_reference_grads,
-                          check_padding_equals_alone_and_reference, check_prefill_gradient, check_prefill_then_steps,
-                          forward_backward, linear, max_err, padding_mask, param_grads, per_sequence, shape_ids,
-                          state_checker, step_through)
+                          check_decoding_after_masked_prefill, check_fully_padded_rows, check_input_errors,
+                          check_mixer_matches_reference_grads, check_padding_equals_alone_and_reference, check_prefill_gradient,
+                          check_prefill_then_steps, check_step_gradients, linear, max_err, padding_mask, per_sequence,
+                          shape_ids, state_checker)
 
 STATE_KEYS = ("conv", "ssm", "pos")
 
@@ -188,14 +187,7 @@ def test_prefill_then_steps_matches_forward(prompt):
 
 def test_step_gradients_match_forward():
     """Decoding one token at a time is differentiable and has the forward pass's gradients (x and all weights)."""
-    m = make_mixer(32)
-    x0, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
-    grads = []
-    for fn in (m, lambda t: step_through(m, t, m.init_state(2))[0]):
-        m.zero_grad()
-        y, gx = forward_backward(fn, x0, dy)
-        grads.append({"x": gx, **param_grads(m)})
-    check_grads_match(grads[1], grads[0])
+    check_step_gradients(make_mixer(32), torch.randn(2, 9, 32), torch.randn(2, 9, 32))
 
 
 def test_fully_padded_rows():

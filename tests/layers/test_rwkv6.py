@@ -16,11 +16,10 @@ import torch.nn.functional as F
 
 import layers
 from layers.rwkv6 import RWKV6, RWKV6ChannelMix, chunk_rwkv6, naive_rwkv6, rwkv6_step, token_shift
-from mixer_checks import (BF16_RATIO_EPS, assert_bf16_ratio, assert_close, check_compile_fullgraph,
-                          check_fla_matches_torch, check_grads_match, check_masked_prefill_states,
-                          check_mixer_matches_reference_grads, check_padded_equals_alone, check_prefill_gradient,
-                          check_prefill_then_steps, forward_backward, init_params, linear, max_err, padding_mask,
-                          param_grads, per_sequence, shape_ids, state_checker, step_through)
+from mixer_checks import (BF16_RATIO_EPS, assert_bf16_ratio, assert_close, check_compile_fullgraph, check_fla_matches_torch,
+                          check_masked_prefill_states, check_mixer_matches_reference_grads, check_padded_equals_alone,
+                          check_prefill_gradient, check_prefill_then_steps, check_step_gradients, forward_backward, init_params,
+                          linear, max_err, padding_mask, per_sequence, shape_ids, state_checker, step_through)
 
 
 # --- the WKV recurrence --------------------------------------------------------------------------------
@@ -200,14 +199,7 @@ def test_prefill_gradient_matches_forward():
 
 def test_step_gradients_match_forward():
     """Decoding one token at a time is differentiable and has the forward pass's gradients (x and all weights)."""
-    m = make_mixer(32, 2)
-    x0, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
-    grads = []
-    for fn in (m, lambda t: step_through(m, t, m.init_state(2))[0]):
-        m.zero_grad()
-        y, gx = forward_backward(fn, x0, dy)
-        grads.append({"x": gx, **param_grads(m)})
-    check_grads_match(grads[1], grads[0])
+    check_step_gradients(make_mixer(32, 2), torch.randn(2, 9, 32), torch.randn(2, 9, 32))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

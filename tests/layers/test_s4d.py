@@ -17,9 +17,9 @@ import layers
 import layers.s4d  # noqa: F401  (registers "s4d")
 from layers.s4d import S4D, naive_s4d, vandermonde
 from mixer_checks import (BF16_TOL, assert_close, check_bf16_chunked_vs_naive, check_bidirectional_cannot_decode,
-                          check_compile_fullgraph, check_grads_match, check_mixer_matches_reference_grads,
-                          check_padded_equals_alone, check_prefill_gradient, check_prefill_then_steps, forward_backward,
-                          linear, max_err, padding_mask, param_grads, per_sequence, shape_ids, step_through)
+                          check_compile_fullgraph, check_mixer_matches_reference_grads, check_padded_equals_alone,
+                          check_prefill_gradient, check_prefill_then_steps, check_step_gradients, linear, max_err, padding_mask,
+                          per_sequence, shape_ids, step_through)
 
 
 def reference_s4d_module(m: S4D, x, mask=None, dtype=torch.float32):
@@ -134,14 +134,7 @@ def test_prefill_gradient_matches_forward():
 
 def test_step_gradients_match_forward():
     """Decoding one token at a time is differentiable and has the forward pass's gradients (x and all weights)."""
-    m = make_mixer(16, 2)
-    x0, dy = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
-    grads = []
-    for fn in (m, lambda t: step_through(m, t, m.init_state(2))[0]):
-        m.zero_grad()
-        y, gx = forward_backward(fn, x0, dy)
-        grads.append({"x": gx, **param_grads(m)})
-    check_grads_match(grads[1], grads[0])
+    check_step_gradients(make_mixer(16, 2), torch.randn(2, 9, 16), torch.randn(2, 9, 16))
 
 
 @pytest.mark.parametrize("mode", ["complex", "real"])
