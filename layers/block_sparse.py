@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from layers.mixer import State, register_mixer
-from layers.sparse_attention import SparseSoftmaxAttention, block_sparse_allowed, check_int_option, naive_masked_attention
+from layers.sparse_attention import (SparseSoftmaxAttention, block_sparse_allowed, check_int_option, local_span,
+                                     naive_masked_attention)
 
 
 def naive_block_sparse_attention(q, k, v, *, block_size: int, window_blocks: int, global_blocks: int, random_blocks: int,
@@ -41,7 +42,8 @@ DEFAULT_BLOCK_SIZE = 64
 class BlockSparseAttention(SparseSoftmaxAttention):
     """BigBird-style block-sparse attention, causal or bidirectional, with rotary embeddings as in ``attention``.
 
-    Options: ``block_size`` (>= 1; None: ``DEFAULT_BLOCK_SIZE`` = 64, cut to ``max_seq_len``), ``window_blocks`` (>= 0, default 1 on each side),
+    Options: ``block_size`` (>= 1; None: ``DEFAULT_BLOCK_SIZE`` = 64, cut to ``max_seq_len``), ``window_blocks``
+    (>= 0, default 1 on each side),
     ``global_blocks`` (>= 0, default 1), ``random_blocks`` (>= 0, default 1 per query block), ``seed``
     (int, default 0), ``backend`` (auto | flex | sdpa | math), ``qkv_bias``, ``proj_bias``, ``rope``
     (None: on when causal), ``rope_base``, ``max_seq_len`` (optional, passed by LM / ViT / encoder models: a
@@ -69,20 +71,13 @@ class BlockSparseAttention(SparseSoftmaxAttention):
     ):
         if max_seq_len is not None:
             max_seq_len = check_int_option("max_seq_len", max_seq_len, 1)
-        if block_size is None:
-            block_size = DEFAULT_BLOCK_SIZE if max_seq_len is None else min(DEFAULT_BLOCK_SIZE, max_seq_len)
         options = {
-            "block_size": check_int_option("block_size", block_size, 1),
+            "block_size": local_span("block_size", block_size, DEFAULT_BLOCK_SIZE, max_seq_len),
             "window_blocks": check_int_option("window_blocks", window_blocks, 0),
             "global_blocks": check_int_option("global_blocks", global_blocks, 0),
             "random_blocks": check_int_option("random_blocks", random_blocks, 0),
             "seed": check_int_option("seed", seed, 0),
         }
-        if max_seq_len is not None:
-            if options["block_size"] > max_seq_len:
-                raise ValueError(f"block_size={block_size} is larger than max_seq_len={max_seq_len}: every sequence would be "
-                                 "one block and every token would see the whole sequence; use the attention mixer "
-                                 "(or a block_size <= max_seq_len)")
         super().__init__(dim, num_heads, causal, backend=backend, qkv_bias=qkv_bias, proj_bias=proj_bias, rope=rope,
                          rope_base=rope_base, qk_norm=qk_norm)
         self.block_size, self.window_blocks = options["block_size"], options["window_blocks"]

@@ -113,7 +113,6 @@ class Mixer(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, causal={self.causal}{qk}"
 
 
-
 def fill_accepted(cls: type[Mixer], kwargs: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """``kwargs`` with a model's ``defaults`` filled in where ``cls``'s constructor takes them (through
     ``cls.fill_defaults`` where it has one, e.g. a wrapper that passes them on to the mixer it wraps); options in
@@ -123,6 +122,7 @@ def fill_accepted(cls: type[Mixer], kwargs: Mapping[str, Any], defaults: Mapping
         return hook(kwargs, defaults)
     accepted = set(signature_kwargs(cls.__init__) or []) - {"self", "dim", "num_heads", "causal"}
     return {**{k: v for k, v in defaults.items() if k in accepted}, **kwargs}
+
 
 def register_mixer(name: str):
     """Class decorator: ``@register_mixer("gla") class GLA(Mixer): ...``."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from layers.mixer import State, register_mixer
-from layers.sparse_attention import SparseSoftmaxAttention, check_int_option, naive_masked_attention, sliding_window_allowed
+from layers.sparse_attention import (SparseSoftmaxAttention, check_int_option, local_span, naive_masked_attention,
+                                     sliding_window_allowed)
 
 
 def naive_sliding_window_attention(q, k, v, window: int, causal: bool) -> torch.Tensor:
@@ -59,13 +60,7 @@ class SlidingWindowAttention(SparseSoftmaxAttention):
     ):
         if max_seq_len is not None:
             max_seq_len = check_int_option("max_seq_len", max_seq_len, 1)
-        if window is None:
-            window = DEFAULT_WINDOW if max_seq_len is None else min(DEFAULT_WINDOW, max_seq_len)
-        window = check_int_option("window", window, 1)
-        if max_seq_len is not None:
-            if window > max_seq_len:
-                raise ValueError(f"window={window} is larger than max_seq_len={max_seq_len}: every token would see the "
-                                 "whole sequence; use the attention mixer (or a window <= max_seq_len)")
+        window = local_span("window", window, DEFAULT_WINDOW, max_seq_len)
         super().__init__(dim, num_heads, causal, backend=backend, qkv_bias=qkv_bias, proj_bias=proj_bias, rope=rope,
                          rope_base=rope_base, qk_norm=qk_norm)
         self.window = window

@@ -55,6 +55,18 @@ def check_int_option(name: str, value, minimum: int) -> int:
     return value
 
 
+def local_span(name: str, value: int | None, default: int, max_seq_len: int | None) -> int:
+    """A window or block size: ``value`` (None: ``default``, cut to ``max_seq_len``) as an int >= 1. One larger
+    than a given ``max_seq_len`` is refused, naming ``name``: every token would see the whole sequence."""
+    if value is None:
+        value = default if max_seq_len is None else min(default, max_seq_len)
+    value = check_int_option(name, value, 1)
+    if max_seq_len is not None and value > max_seq_len:
+        raise ValueError(f"{name}={value} is larger than max_seq_len={max_seq_len}: every token would see the whole "
+                         f"sequence; use the attention mixer (or a {name} <= max_seq_len)")
+    return value
+
+
 def check_backend(backend: str) -> str:
     if backend not in SPARSE_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(SPARSE_BACKENDS)}; got {backend!r}")

@@ -42,7 +42,7 @@ from bench_ssm_gpu import fmt, guarded, ratio, say, yes_no
 from bench_vit_gpu import target_text
 from zoo.acceleration import deepcache, remove, tome_sd
 from zoo.bench import interleaved_median_ms, markdown_table, median_ms, write_report
-from zoo.models.diffusion import AttentionBackend, DiffusionBackbone
+from zoo.models.diffusion import CLASS_LABELS, AttentionBackend, DiffusionBackbone
 from zoo.registry import create_model
 
 STEP_TARGETS = {"unet-bk-small": 0.70, "unet-bk-tiny": 0.60}  # ms over unet-sd15's, at most
@@ -81,7 +81,7 @@ def build(name: str, overrides: dict[str, Any], p: dict[str, Any]) -> DiffusionB
 
 def random_cond(model: DiffusionBackbone, batch: int, p: dict[str, Any]) -> torch.Tensor:
     """Text states [batch, text_tokens, width] for a text-conditioned model, else class labels [batch]."""
-    if model.cond_kind == "class labels":
+    if model.cond_kind == CLASS_LABELS:
         return torch.arange(batch, device=p["device"]) % model.null_class
     return torch.randn(batch, p["text_tokens"], model.config.cross_attention_dim, device=p["device"], dtype=p["dtype"])
 

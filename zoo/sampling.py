@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from layers.registry import close_matches
-from zoo.models.diffusion import CAPTIONS, DiffusionBackbone
+from zoo.models.diffusion import CAPTIONS, CLASS_LABELS, DiffusionBackbone
 from zoo.tasks.diffusion import Diffusion
 
 # scheduler name -> diffusers class name (imported on use: diffusers is slow to import)
@@ -45,7 +45,7 @@ def _captions(model: DiffusionBackbone, n: int, captions: Any) -> list[str] | No
 
 def _labels(model: DiffusionBackbone, n: int, labels: Any, device: torch.device) -> torch.Tensor | None:
     """The class labels of ``n`` samples: given, or cycling through the model's classes; None when unconditional."""
-    if model.cond_kind != "class labels":
+    if model.cond_kind != CLASS_LABELS:
         if labels is not None:
             raise ValueError(f"labels must be None: {model.model_name} is not class-conditioned")
         return None

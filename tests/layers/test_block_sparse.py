@@ -408,8 +408,8 @@ def test_registry_and_repr():
 
 
 def test_error_block_size_larger_than_max_seq_len():
-    with pytest.raises(ValueError, match=r"block_size=128 is larger than max_seq_len=100: every sequence would be one "
-                                         r"block and every token would see the whole sequence; use the attention mixer"):
+    with pytest.raises(ValueError, match=r"block_size=128 is larger than max_seq_len=100: every token would see the "
+                                         r"whole sequence; use the attention mixer"):
         layers.create_mixer("block_sparse", 32, 2, block_size=128, max_seq_len=100)
     with pytest.raises(ValueError, match=r"max_seq_len must be an int >= 1"):
         layers.create_mixer("block_sparse", 32, 2, max_seq_len=-1)

@@ -172,7 +172,8 @@ def test_causal_only_mixer_refuses_bidirectional(temp_mixer):
     assert m.causal and m.scale == 2.0
     x = torch.randn(1, 4, 16)
     torch.testing.assert_close(m(x)[:, :2], m(x[:, :2]))  # it really is causal
-    with pytest.raises(ValueError, match=r"CausalOnly does not support causal=False \(it is causal only; the bidirectional wrapper"):
+    with pytest.raises(ValueError, match=r"CausalOnly does not support causal=False \(it is causal only; the bidirectional "
+                                         r"wrapper"):
         create_mixer("toy-causal", 16, 2, causal=False)
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import zoo
-import zoo.models.diffusion  # noqa: F401  (registers the diffusion families)
 from zoo.acceleration import applied, deepcache, remove, tome_sd
+from zoo.models.diffusion import CAPTIONS, CLASS_LABELS
 from zoo.sampling import sample
 
 # Stable Diffusion's layout (cross-attention at 32x32, plain 16x16 stage, cross-attention mid block), toy width
@@ -44,9 +44,9 @@ def caption_unet():
 def inputs(model, batch=2, generator_seed=0):
     g = torch.Generator().manual_seed(generator_seed)
     x = torch.randn(batch, *model.sample_shape, generator=g)
-    if model.cond_kind == "captions":  # of different lengths: the padding mask matters
+    if model.cond_kind == CAPTIONS:  # of different lengths: the padding mask matters
         return x, ["a red circle on a dark blue background", "a star"][:batch]
-    cond = (torch.arange(batch) if model.cond_kind == "class labels"
+    cond = (torch.arange(batch) if model.cond_kind == CLASS_LABELS
             else torch.randn(batch, 7, model.config.cross_attention_dim, generator=g))
     return x, cond
 

@@ -179,6 +179,7 @@ def resolve_attention_backend(name: str) -> str:
 
 
 CAPTIONS = "captions"  # the cond_kind of caption-conditioned models
+CLASS_LABELS = "class labels"  # and of class-conditioned ones
 
 
 class CaptionEncoderConfig(ModelConfig):
@@ -292,7 +293,7 @@ class DiffusionUNet(DiffusionBackbone):
         captions = config.caption_encoder
         self.caption_encoder = None if captions is None else CaptionEncoder(text, **captions.model_dump())
         self.cond_kind = (CAPTIONS if captions is not None else f"text states [batch, tokens, {text}]" if text is not None
-                          else "class labels" if config.num_class_embeds is not None else None)
+                          else CLASS_LABELS if config.num_class_embeds is not None else None)
 
     @property
     def null_class(self) -> int | None:
@@ -456,7 +457,7 @@ class DiT(DiffusionBackbone):
         dim, grid = config.dim, config.input_size // config.patch_size
         self.sample_shape = (config.in_channels, config.input_size, config.input_size)
         self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
-        self.cond_kind = "class labels" if config.num_classes else None
+        self.cond_kind = CLASS_LABELS if config.num_classes else None
         self.patch_embed = layers.PatchEmbed(config.input_size, config.patch_size, config.in_channels, dim)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid)[None], persistent=False)
         self.time_embed = nn.Sequential(nn.Linear(TIME_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -581,7 +582,7 @@ class UViT(DiffusionBackbone):
         dim, half = config.dim, config.depth // 2
         self.sample_shape = (config.in_channels, config.input_size, config.input_size)
         self.out_channels = config.in_channels
-        self.cond_kind = "class labels" if config.num_classes else None
+        self.cond_kind = CLASS_LABELS if config.num_classes else None
         self.patch_embed = layers.PatchEmbed(config.input_size, config.patch_size, config.in_channels, dim)
         self.class_embed = nn.Embedding(config.num_classes + 1, dim) if config.num_classes else None
         num_tokens = self.patch_embed.num_patches + 1 + (self.class_embed is not None)
